@@ -1,0 +1,184 @@
+"""The Python API; the CLI is a thin shell over these functions.
+
+Every function takes the same keyword options as the CLI flags (catalog,
+index_dir, weights, k, index, ...), merged over a config file (`config=`),
+CBIR_* variables and the defaults, exactly as the CLI merges them.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipeline import catalog, indexes, jobs, search as search_mod, vectors
+from pipeline.config import load_settings
+from pipeline.decode import DecodeError, decode_file
+from pipeline.embed import Embedder, describe_mismatch, fingerprint_json, load_embedder
+from pipeline.errors import CbirError
+from pipeline.scan import scan
+
+
+@functools.lru_cache(maxsize=4)
+def cached_embedder(weights: str, batch_size: int) -> Embedder:
+    """Load a model once per process (the CLI, a server and tests reuse it)."""
+    return load_embedder(weights, batch_size)
+
+
+def settings_for(config: str | None = None, **options: Any) -> dict[str, Any]:
+    return load_settings(config, options)
+
+
+def index(
+    paths: list[str | Path],
+    config: str | None = None,
+    progress=None,
+    on_total=None,
+    **options: Any,
+) -> jobs.Summary:
+    """Index image folders, files or manifest CSVs into the catalog; incremental."""
+    s = settings_for(config, **options)
+    return jobs.run_index(
+        [str(p) for p in paths],
+        s["catalog"],
+        s["index_dir"],
+        lambda: cached_embedder(str(s["weights"]), int(s["batch_size"])),
+        s,
+        progress=progress,
+        on_total=on_total,
+    )
+
+
+def _query_embedder(db, s: dict[str, Any]) -> Embedder:
+    embedder = cached_embedder(str(s["weights"]), int(s["batch_size"]))
+    stored = catalog.fingerprint(db)
+    if stored and fingerprint_json(stored) != fingerprint_json(embedder.fingerprint):
+        raise CbirError(
+            "the query model differs from the one that built the catalog "
+            f"({describe_mismatch(stored, embedder.fingerprint)}); pass the catalog's --weights"
+        )
+    return embedder
+
+
+def _expand_queries(queries: list[str | int]) -> list[str | int]:
+    """Folders become their image files (sorted); ids and files stay."""
+    out: list[str | int] = []
+    for q in queries:
+        if isinstance(q, int | np.integer):
+            out.append(int(q))
+        elif os.path.isdir(q):
+            out.extend(f.path for f in scan([q], labels="none"))
+        elif not os.path.exists(q):
+            raise CbirError(f"query not found: {q}")
+        else:
+            out.append(os.path.abspath(q))
+    return out
+
+
+def search(queries: list[str | int] | str | int, config: str | None = None, **options: Any):
+    """Top-k results for image files, folders of images, or catalog ids.
+
+    Returns one dict per query: {"query", "query_id", "results": [...]} and,
+    for an image that cannot be decoded, "error" instead of results.
+    """
+    s = settings_for(config, **options)
+    if isinstance(queries, str | int | Path):
+        queries = [queries]
+    db = jobs.open_collection(s["catalog"], create=False)
+    dim = catalog.dimension(db)
+    if not dim:
+        raise CbirError(f"catalog {s['catalog']} has no indexed images yet")
+    index_obj, _ = indexes.load(
+        db,
+        s["catalog"],
+        s["index_dir"],
+        s["index"],
+        params=indexes.parse_params(options.get("params")),
+        allow_stale=bool(options.get("allow_stale")),
+    )
+    expanded = _expand_queries([str(q) if isinstance(q, Path) else q for q in queries])
+    answers: list[dict[str, Any]] = []
+    vecs: list[np.ndarray] = []
+    pixels, pixel_slots = [], []
+    for q in expanded:
+        if isinstance(q, int):
+            rows = catalog.lookup(db, [q])
+            if q not in rows or rows[q]["status"] != "indexed":
+                raise CbirError(f"no indexed image with id {q}")
+            answers.append({"query": rows[q]["path"], "query_id": q})
+            vecs.append(
+                vectors.read(vectors.vectors_path(s["catalog"]), dim, catalog.next_id(db), [q])[0]
+            )
+            continue
+        answers.append({"query": q, "query_id": None})
+        try:
+            pixels.append(decode_file(q, int(s["max_pixels"])).pixels)
+            pixel_slots.append(len(vecs))
+            vecs.append(np.zeros(dim, dtype=np.float32))
+        except DecodeError as e:
+            answers[-1]["error"] = f"cannot use query image {q}: {e}"
+            vecs.append(None)
+    if pixels:
+        embedded = _query_embedder(db, s).embed(np.stack(pixels))
+        for slot, v in zip(pixel_slots, embedded, strict=True):
+            vecs[slot] = v
+    good = [i for i, v in enumerate(vecs) if v is not None]
+    if good:
+        found = search_mod.search_vectors(
+            db, s["catalog"], index_obj, np.stack([vecs[i] for i in good]), int(s["k"])
+        )
+        for i, results in zip(good, found, strict=True):
+            answers[i]["results"] = results
+    for a in answers:
+        a.setdefault("results", [])
+    return answers
+
+
+def build_index(
+    name: str,
+    factory: str | None = None,
+    params: list[str] | dict[str, float] | None = None,
+    config: str | None = None,
+    **options: Any,
+) -> dict[str, Any]:
+    """Build (or refresh, reusing its factory and parameters) a named index."""
+    s = settings_for(config, **options)
+    with catalog.write_lock(s["catalog"]):
+        db = jobs.open_collection(s["catalog"], create=False)
+        previous = catalog.index_record(db, name)
+        if factory is None:
+            if name == indexes.EXACT:
+                factory = indexes.EXACT_FACTORY
+            elif previous is None:
+                raise CbirError(
+                    f"index {name!r} does not exist yet: give --factory, e.g. 'IVF256,Flat'"
+                )
+            else:
+                factory = previous["factory"]
+        elif name == indexes.EXACT and factory != indexes.EXACT_FACTORY:
+            raise CbirError("the name 'exact' is reserved for the flat index; pick another name")
+        parsed = indexes.parse_params(params)
+        if not parsed and previous and previous["factory"] == factory:
+            import json
+
+            parsed = json.loads(previous["params"] or "{}")
+        return indexes.build_and_save(db, s["catalog"], s["index_dir"], name, factory, parsed)
+
+
+def info(config: str | None = None, **options: Any) -> dict[str, Any]:
+    """Counts by status and label, fingerprint, indexes (with staleness), last run."""
+    from pipeline.checks import collection_info
+
+    s = settings_for(config, **options)
+    return collection_info(s["catalog"], s["index_dir"])
+
+
+def verify(config: str | None = None, **options: Any) -> dict[str, Any]:
+    """Check catalog, vector file and indexes against each other."""
+    from pipeline.checks import verify_collection
+
+    s = settings_for(config, **options)
+    return verify_collection(s["catalog"], s["index_dir"])

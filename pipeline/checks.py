@@ -1,0 +1,168 @@
+"""Looking at a collection without changing it: `cbir info` and `cbir verify`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import faiss
+import numpy as np
+
+from pipeline import catalog, indexes, vectors
+
+
+def collection_info(catalog_path: str | Path, index_dir: str | Path) -> dict[str, Any]:
+    """What the catalog holds: counts by status and label, fingerprint, indexes, last run."""
+    db = catalog.open_catalog(catalog_path, create=False)
+    status = {
+        r["status"]: r["n"]
+        for r in db.query("select status, count(*) n from images group by status")
+    }
+    labels = {
+        r["label"] if r["label"] is not None else "(none)": r["n"]
+        for r in db.query(
+            "select label, count(*) n from images where status = 'indexed' group by label order by label"
+        )
+    }
+    vec_path = vectors.vectors_path(catalog_path)
+    idx = []
+    for rec in catalog.index_records(db):
+        path = indexes.index_path(index_dir, rec["name"])
+        idx.append(
+            {
+                "name": rec["name"],
+                "factory": rec["factory"],
+                "params": json.loads(rec["params"] or "{}"),
+                "vectors": rec["ntotal"],
+                "bytes": path.stat().st_size if path.exists() else None,
+                "file": str(path),
+                "stale": indexes.is_stale(db, rec) or not path.exists(),
+                "recall_at_10": rec["recall_at_10"],
+                "build_seconds": rec["build_seconds"],
+                "built_at": rec["built_at"],
+            }
+        )
+    runs = list(db.query("select * from runs order by id desc limit 1"))
+    last_run = None
+    if runs:
+        last_run = dict(runs[0])
+        last_run["counts"] = json.loads(last_run["counts"] or "{}")
+        last_run.pop("config", None)
+    return {
+        "catalog": str(Path(catalog_path).resolve()),
+        "vectors_file": str(vec_path.resolve()),
+        "vectors_bytes": vec_path.stat().st_size if vec_path.exists() else 0,
+        "schema_version": catalog.get_meta_int(db, "schema_version"),
+        "images": {
+            "total": sum(status.values()),
+            "indexed": status.get("indexed", 0),
+            "failed": status.get("failed", 0),
+        },
+        "labels": labels,
+        "fingerprint": catalog.fingerprint(db),
+        "dimension": catalog.dimension(db),
+        "metric": catalog.get_meta(db, "metric"),
+        "generation": catalog.generation(db),
+        "indexes": idx,
+        "last_run": last_run,
+    }
+
+
+def verify_collection(catalog_path: str | Path, index_dir: str | Path) -> dict[str, Any]:
+    """Cross-check catalog, vector file and indexes; `problems` empty means consistent."""
+    problems: list[str] = []
+    notes: list[str] = []
+    db = catalog.open_catalog(catalog_path, create=False)
+    dim, committed = catalog.dimension(db), catalog.next_id(db)
+    vec_path = vectors.vectors_path(catalog_path)
+    ids = catalog.indexed_ids(db)
+    checked = {"images": 0, "vectors": 0, "indexes": 0}
+
+    max_id = next(iter(db.query("select max(id) m from images")))["m"]
+    if max_id is not None and max_id >= committed:
+        problems.append(f"image id {max_id} is beyond next_id {committed}")
+    for r in db.query("select path, count(*) n from images group by path having n > 1"):
+        problems.append(f"path catalogued {r['n']} times: {r['path']}")
+    bad_failed = next(
+        iter(
+            db.query(
+                "select count(*) n from images where status = 'failed' and (error is null or error = '')"
+            )
+        )
+    )["n"]
+    if bad_failed:
+        problems.append(f"{bad_failed} failed images have no error text")
+    bad_status = next(
+        iter(db.query("select count(*) n from images where status not in ('indexed', 'failed')"))
+    )["n"]
+    if bad_status:
+        problems.append(f"{bad_status} images have an unknown status")
+    checked["images"] = next(iter(db.query("select count(*) n from images")))["n"]
+
+    if dim and committed:
+        rows_on_disk = vectors.row_count(vec_path, dim)
+        if rows_on_disk < committed:
+            problems.append(
+                f"vector file has {rows_on_disk} rows, the catalog committed {committed}"
+            )
+        else:
+            if rows_on_disk > committed:
+                notes.append(
+                    f"{rows_on_disk - committed} uncommitted vector rows from an interrupted job "
+                    "(dropped at the next write)"
+                )
+            stored = vectors.open_rows(vec_path, dim, committed)
+            for start in range(0, len(ids), 65536):
+                chunk = np.asarray(stored[ids[start : start + 65536]], dtype=np.float32)
+                norms = np.linalg.norm(chunk, axis=1)
+                bad = ~np.isfinite(norms) | (np.abs(norms - 1) > 1e-3)
+                if bad.any():
+                    first = int(ids[start + int(np.flatnonzero(bad)[0])])
+                    problems.append(
+                        f"{int(bad.sum())} indexed vectors are not unit length (id {first})"
+                    )
+            checked["vectors"] = len(ids)
+    elif len(ids):
+        problems.append("images are indexed but the catalog records no vector dimension")
+
+    for rec in catalog.index_records(db):
+        path = indexes.index_path(index_dir, rec["name"])
+        if not path.exists():
+            problems.append(f"index {rec['name']}: file {path} is missing")
+            continue
+        try:
+            index = faiss.read_index(str(path))
+        except RuntimeError as e:
+            problems.append(f"index {rec['name']}: unreadable ({str(e).strip().splitlines()[-1]})")
+            continue
+        checked["indexes"] += 1
+        if index.ntotal != rec["ntotal"]:
+            problems.append(
+                f"index {rec['name']}: file holds {index.ntotal} vectors, record says {rec['ntotal']}"
+            )
+        if indexes.is_stale(db, rec):
+            notes.append(f"index {rec['name']} is stale (catalog changed since it was built)")
+            continue
+        held = indexes.stored_ids(index)
+        if not np.array_equal(held, ids):
+            missing = len(np.setdiff1d(ids, held))
+            extra = len(np.setdiff1d(held, ids))
+            problems.append(
+                f"index {rec['name']}: {missing} catalog ids missing, {extra} unknown ids"
+            )
+        elif rec["factory"] == indexes.EXACT_FACTORY and len(ids):
+            sample = ids[:: max(1, len(ids) // 1000)]
+            inner = faiss.downcast_index(faiss.downcast_index(index).index)
+            id_map = faiss.vector_to_array(faiss.downcast_index(index).id_map)
+            pos = {int(i): p for p, i in enumerate(id_map)}
+            got = np.stack([inner.reconstruct(pos[int(i)]) for i in sample])
+            want = np.asarray(vectors.open_rows(vec_path, dim, committed)[sample])
+            if not np.allclose(got, want, atol=1e-6):
+                problems.append(f"index {rec['name']}: vectors differ from the vector file")
+    known = {f"{r['name']}.faiss" for r in catalog.index_records(db)}
+    if Path(index_dir).is_dir():
+        for f in sorted(Path(index_dir).glob("*.faiss")):
+            if f.name not in known:
+                notes.append(f"index file {f} is not recorded in this catalog")
+    return {"ok": not problems, "problems": problems, "notes": notes, "checked": checked}

@@ -1,0 +1,294 @@
+"""The `cbir` command: parse options, call one API function, print."""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from typing import Any
+
+import click
+
+from pipeline import api
+from pipeline.config import DEFAULTS
+from pipeline.errors import CbirError
+
+
+def common_options(f):
+    """--catalog, --index-dir, --weights, --config on every command (None = not given)."""
+
+    @click.option(
+        "--config",
+        "config",
+        type=click.Path(dir_okay=False),
+        envvar="CBIR_CONFIG",
+        help="TOML file with any option; flags override it.",
+    )
+    @click.option(
+        "--weights",
+        default=None,
+        help="'imagenet' (download once) or a local weights file [env CBIR_WEIGHTS].",
+    )
+    @click.option(
+        "--index-dir",
+        "index_dir",
+        default=None,
+        type=click.Path(file_okay=False),
+        help=f"Folder of FAISS index files [default {DEFAULTS['index_dir']}; env CBIR_INDEX_DIR].",
+    )
+    @click.option(
+        "--catalog",
+        default=None,
+        type=click.Path(dir_okay=False),
+        help=f"SQLite catalog [default {DEFAULTS['catalog']}; env CBIR_CATALOG].",
+    )
+    @functools.wraps(f)
+    def wrapper(*args, **kwargs):
+        try:
+            return f(*args, **kwargs)
+        except CbirError as e:
+            click.echo(f"cbir: error: {e}", err=True)
+            sys.exit(e.exit_code)
+        except KeyboardInterrupt:
+            click.echo("cbir: interrupted; rerun the same command to finish", err=True)
+            sys.exit(130)
+
+    return wrapper
+
+
+def search_param_options(f):
+    @click.option(
+        "--param",
+        "params",
+        multiple=True,
+        metavar="NAME=VALUE",
+        help="FAISS search parameter, e.g. nprobe=32 or efSearch=128 (repeatable).",
+    )
+    @click.option("--nprobe", type=int, default=None, help="Shorthand for --param nprobe=N.")
+    @click.option(
+        "--ef-search", "ef_search", type=int, default=None, help="Shorthand for --param efSearch=N."
+    )
+    @functools.wraps(f)
+    def wrapper(*args, nprobe=None, ef_search=None, params=(), **kwargs):
+        params = list(params)
+        if nprobe is not None:
+            params.append(f"nprobe={nprobe}")
+        if ef_search is not None:
+            params.append(f"efSearch={ef_search}")
+        return f(*args, params=params, **kwargs)
+
+    return wrapper
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="cbir")
+def main() -> None:
+    """Content-based image retrieval: index a folder once, then search it by example."""
+
+
+@main.command("index")
+@click.argument("paths", nargs=-1, required=False)
+@click.option(
+    "--labels",
+    default=None,
+    help="'folder' (parent folder name, default), 'none', or a CSV of path,label.",
+)
+@click.option("--split", default=None, help="With a manifest CSV as PATH: only rows of this split.")
+@click.option("--prune", is_flag=True, default=None, help="Remove files that are gone from disk.")
+@click.option("--strict", is_flag=True, default=None, help="Exit 1 if any file failed.")
+@click.option(
+    "--retry-failed",
+    "retry_failed",
+    is_flag=True,
+    default=None,
+    help="Try again files that failed before, even if unchanged.",
+)
+@click.option("--workers", type=int, default=None, help="Decoding threads.")
+@click.option("--batch-size", "batch_size", type=int, default=None, help="Images per model batch.")
+@click.option(
+    "--max-pixels",
+    "max_pixels",
+    type=int,
+    default=None,
+    help="Refuse images with more pixels (decompression bombs).",
+)
+@common_options
+def index_cmd(paths: tuple[str, ...], **options: Any) -> None:
+    """Index image folders, files, or manifest CSVs (path,label,split); incremental."""
+    from tqdm import tqdm
+
+    settings = api.settings_for(**options)
+    roots = list(paths) or list(settings.get("roots", []))
+    if not roots:
+        raise click.UsageError(
+            "give at least one folder, image or manifest CSV (or 'roots' in a config)"
+        )
+    bar: list[tqdm] = []
+
+    def on_total(n: int) -> None:
+        # disable=None: a bar on a terminal, silence when piped or in CI.
+        bar.append(tqdm(total=n, unit="img", disable=None, file=sys.stderr, desc="indexing"))
+
+    def progress(n: int) -> None:
+        bar[0].update(n)
+
+    try:
+        summary = api.index(roots, progress=progress, on_total=on_total, **options)
+    finally:
+        for b in bar:
+            b.close()
+    click.echo(
+        f"scanned {summary.scanned}, unchanged {summary.unchanged}, "
+        f"indexed {summary.indexed + summary.copied} "
+        f"(model {summary.indexed}, copied from duplicates {summary.copied}), "
+        f"failed {summary.failed}, duplicates {summary.duplicates}, "
+        f"relabelled {summary.relabelled}, pruned {summary.pruned}"
+    )
+    for path, reason in summary.failures[:20]:
+        click.echo(f"  failed: {path}: {reason}", err=True)
+    if len(summary.failures) > 20:
+        click.echo(f"  ... and {len(summary.failures) - 20} more (see 'cbir info')", err=True)
+    if summary.failed and settings["strict"]:
+        sys.exit(1)
+
+
+@main.command("search")
+@click.argument("queries", nargs=-1)
+@click.option("--id", "ids", type=int, multiple=True, help="Query by catalog id (repeatable).")
+@click.option("-k", type=int, default=None, help="Number of results [default 10].")
+@click.option("--index", default=None, help="'exact' (default) or the name of a built index.")
+@click.option("--json", "as_json", is_flag=True, help="JSON Lines: one line per query.")
+@click.option("--allow-stale", is_flag=True, help="Search an approximate index even if stale.")
+@search_param_options
+@common_options
+def search_cmd(queries: tuple[str, ...], ids: tuple[int, ...], as_json: bool, **options) -> None:
+    """Top-k most similar images for image files, folders of images, or --id N."""
+    if not queries and not ids:
+        raise click.UsageError("give a query image, a folder of images, or --id N")
+    answers = api.search([*queries, *ids], **options)
+    bad = 0
+    for a in answers:
+        if "error" in a:
+            bad += 1
+            click.echo(f"cbir: error: {a['error']}", err=True)
+            if not as_json:
+                continue
+        if as_json:
+            click.echo(json.dumps(a))
+            continue
+        click.echo(
+            f"query: {a['query']}" + (f" (id {a['query_id']})" if a["query_id"] is not None else "")
+        )
+        click.echo(f"  {'rank':>4}  {'score':>7}  {'label':<14} path")
+        for r in a["results"]:
+            click.echo(
+                f"  {r['rank']:>4}  {r['score']:7.4f}  {str(r['label'] or '-'):<14} {r['path']}"
+            )
+    if bad:
+        sys.exit(2)
+
+
+@main.command("build-index")
+@click.argument("name")
+@click.option(
+    "--factory",
+    default=None,
+    help="FAISS index factory string, e.g. 'IVF256,Flat', 'HNSW32', 'IVF256,PQ64'.",
+)
+@search_param_options
+@common_options
+def build_index_cmd(name: str, factory: str | None, params: list[str], **options) -> None:
+    """Build an index NAME from the stored vectors (no re-extraction); rebuild if it exists."""
+    record = api.build_index(name, factory, params or None, **options)
+    click.echo(
+        f"built index {record['name']} ({record['factory']}, params {record['params']}): "
+        f"{record['ntotal']} vectors, {record['bytes']:,} bytes, {record['build_seconds']:.2f} s"
+    )
+
+
+@main.command("info")
+@click.option("--json", "as_json", is_flag=True)
+@common_options
+def info_cmd(as_json: bool, **options) -> None:
+    """Counts by status and label, the model fingerprint, and the indexes."""
+    info = api.info(**options)
+    if as_json:
+        click.echo(json.dumps(info, indent=2))
+        return
+    images = info["images"]
+    click.echo(
+        f"catalog:  {info['catalog']} (schema {info['schema_version']}, generation {info['generation']})"
+    )
+    click.echo(
+        f"vectors:  {info['vectors_file']} ({info['vectors_bytes']:,} bytes, dim {info['dimension']})"
+    )
+    click.echo(
+        f"images:   {images['total']} ({images['indexed']} indexed, {images['failed']} failed)"
+    )
+    fp = info["fingerprint"] or {}
+    if fp:
+        click.echo(
+            f"model:    {fp['architecture']}, {fp['pooling']} pooling, weights sha256 {fp['weights_sha256'][:16]}"
+        )
+    if info["labels"]:
+        click.echo("labels:   " + ", ".join(f"{k} {v}" for k, v in info["labels"].items()))
+    click.echo("indexes:")
+    for i in info["indexes"]:
+        stale = "  STALE: run 'cbir build-index " + i["name"] + "'" if i["stale"] else ""
+        size = f"{i['bytes']:,} bytes" if i["bytes"] is not None else "file missing"
+        click.echo(
+            f"  {i['name']:<12} {i['factory']:<20} {i['vectors']} vectors, {size}, params {i['params']}{stale}"
+        )
+    if info["last_run"]:
+        r = info["last_run"]
+        click.echo(f"last run: {r['command']} {r['status']} at {r['started_at']}: {r['counts']}")
+
+
+@main.command("verify")
+@click.option("--json", "as_json", is_flag=True)
+@common_options
+def verify_cmd(as_json: bool, **options) -> None:
+    """Check catalog, vectors and indexes against each other; exit 1 on any mismatch."""
+    report = api.verify(**options)
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+    else:
+        for n in report["notes"]:
+            click.echo(f"note: {n}")
+        for p in report["problems"]:
+            click.echo(f"PROBLEM: {p}")
+        c = report["checked"]
+        verdict = "ok" if report["ok"] else f"{len(report['problems'])} problems"
+        click.echo(
+            f"verify: {verdict} ({c['images']} images, {c['vectors']} vectors, {c['indexes']} indexes checked)"
+        )
+    if not report["ok"]:
+        sys.exit(1)
+
+
+@main.group("bench")
+def bench_group() -> None:
+    """Benchmarks that print figures."""
+
+
+@bench_group.command("extract")
+@click.argument("folder")
+@click.option("--limit", type=int, default=None, help="Use at most this many images.")
+@click.option("--workers", type=int, default=None)
+@click.option("--batch-size", "batch_size", type=int, default=None)
+@click.option(
+    "--repeats", type=int, default=1, help="Repeat both measurements; medians are printed."
+)
+@common_options
+def bench_extract_cmd(folder: str, limit: int | None, repeats: int, **options) -> None:
+    """End-to-end indexing images/s versus the model alone, and their ratio."""
+    from pipeline.bench import bench_extract
+
+    settings = api.settings_for(**options)
+    result = bench_extract(folder, settings, limit=limit, repeats=repeats)
+    for line in result["lines"]:
+        click.echo(line)
+
+
+if __name__ == "__main__":
+    main()

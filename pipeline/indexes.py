@@ -1,0 +1,194 @@
+"""FAISS indexes: derived from the stored vectors, persisted atomically, checked for staleness.
+
+Every index is an inner-product index over catalog ids. The exact one is
+`IndexFlatIP`; approximate ones come from any FAISS index factory string.
+Each index's record in the catalog holds the catalog generation it was built
+from, so a stale index is detected rather than silently served.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+import faiss
+import numpy as np
+
+from pipeline import catalog, vectors
+from pipeline.errors import CbirError
+
+EXACT = "exact"
+EXACT_FACTORY = "Flat"
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+def index_path(index_dir: str | Path, name: str) -> Path:
+    if not _NAME_RE.match(name):
+        raise CbirError(f"invalid index name {name!r}: use letters, digits, '.', '_' and '-'")
+    return Path(index_dir) / f"{name}.faiss"
+
+
+def parse_params(items: list[str] | tuple[str, ...] | dict[str, Any] | None) -> dict[str, float]:
+    """`["nprobe=16", "efSearch=64"]` -> {"nprobe": 16, "efSearch": 64}."""
+    if not items:
+        return {}
+    if isinstance(items, dict):
+        return {str(k): float(v) for k, v in items.items()}
+    out: dict[str, float] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        try:
+            out[key.strip()] = float(value)
+        except ValueError:
+            sep = ""
+        if not sep or not key.strip():
+            raise CbirError(f"search parameter must look like name=number, got {item!r}")
+    return out
+
+
+def apply_params(index: faiss.Index, params: dict[str, float]) -> None:
+    """Set search-time parameters (nprobe, efSearch, ...) through FAISS' ParameterSpace."""
+    space = faiss.ParameterSpace()
+    for key, value in params.items():
+        try:
+            space.set_index_parameter(index, key, value)
+        except RuntimeError:
+            raise CbirError(f"this index has no search parameter {key!r}") from None
+
+
+def make_index(factory: str, dim: int) -> faiss.Index:
+    """An empty inner-product index from a factory string, mapping our ids."""
+    try:
+        inner = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()[-1] if str(e).strip() else ""
+        raise CbirError(f"invalid FAISS factory string {factory!r}: {first}") from None
+    # IndexIDMap2 gives every index type add_with_ids and reconstruct by id.
+    return faiss.IndexIDMap2(inner)
+
+
+def build(
+    db, catalog_path: str | Path, factory: str, params: dict[str, float] | None = None
+) -> faiss.Index:
+    """Build an index from the catalog's indexed vectors (train, then add in chunks)."""
+    dim = catalog.dimension(db)
+    ids = catalog.indexed_ids(db)
+    if dim == 0 or len(ids) == 0:
+        raise CbirError("the catalog has no indexed images yet: run 'cbir index FOLDER' first")
+    rows = vectors.open_rows(vectors.vectors_path(catalog_path), dim, catalog.next_id(db))
+    index = make_index(factory, dim)
+    if not index.is_trained:
+        sample_ids = (
+            ids
+            if len(ids) <= 200_000
+            else np.sort(np.random.default_rng(0).choice(ids, 200_000, replace=False))
+        )
+        try:
+            index.train(np.asarray(rows[sample_ids], dtype=np.float32))
+        except RuntimeError as e:
+            last = str(e).strip().splitlines()[-1]
+            raise CbirError(f"cannot train {factory!r} on {len(ids)} vectors: {last}") from None
+    for start in range(0, len(ids), 65536):
+        chunk = ids[start : start + 65536]
+        index.add_with_ids(np.asarray(rows[chunk], dtype=np.float32), chunk)
+    if params:
+        apply_params(index, params)
+    return index
+
+
+def write_atomic(index: faiss.Index, path: Path) -> int:
+    """Write to a temporary file, fsync, rename: a reader never sees half an index."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    faiss.write_index(index, str(tmp))
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return path.stat().st_size
+
+
+def build_and_save(
+    db,
+    catalog_path: str | Path,
+    index_dir: str | Path,
+    name: str,
+    factory: str,
+    params: dict[str, float] | None = None,
+) -> dict[str, Any]:
+    """Build, persist and record an index; returns its catalog record."""
+    path = index_path(index_dir, name)
+    gen = catalog.generation(db)
+    started = time.perf_counter()
+    index = build(db, catalog_path, factory, params)
+    seconds = time.perf_counter() - started
+    size = write_atomic(index, path)
+    record = {
+        "name": name,
+        "factory": factory,
+        "params": json.dumps(params or {}),
+        "generation": gen,
+        "ntotal": int(index.ntotal),
+        "bytes": size,
+        "build_seconds": round(seconds, 3),
+        "built_at": catalog.now(),
+        "recall_at_10": None,
+    }
+    catalog.save_index_record(db, record)
+    return record
+
+
+def is_stale(db, record: dict[str, Any] | None) -> bool:
+    return record is None or record["generation"] != catalog.generation(db)
+
+
+def load(
+    db,
+    catalog_path: str | Path,
+    index_dir: str | Path,
+    name: str,
+    params: dict[str, float] | None = None,
+    allow_stale: bool = False,
+) -> tuple[faiss.Index, dict[str, Any]]:
+    """Load an index for searching, with its stored and then the given search parameters.
+
+    The exact index is rebuilt in memory when missing or stale (it is a plain
+    copy of the vectors); an approximate one that is stale is refused.
+    """
+    record = catalog.index_record(db, name)
+    path = index_path(index_dir, name)
+    if name == EXACT and (is_stale(db, record) or not path.exists()):
+        index = build(db, catalog_path, EXACT_FACTORY)
+        record = {
+            "name": EXACT,
+            "factory": EXACT_FACTORY,
+            "params": "{}",
+            "generation": catalog.generation(db),
+        }
+    else:
+        if record is None:
+            known = ", ".join(r["name"] for r in catalog.index_records(db)) or "none"
+            raise CbirError(
+                f"no index named {name!r} (indexes: {known}); "
+                f"build it with 'cbir build-index {name} --factory ...'"
+            )
+        if is_stale(db, record) and not allow_stale:
+            raise CbirError(
+                f"index {name!r} is stale: built at catalog generation {record['generation']}, "
+                f"catalog is now at {catalog.generation(db)}; run 'cbir build-index {name}' to refresh"
+            )
+        if not path.exists():
+            raise CbirError(f"index file {path} is missing; run 'cbir build-index {name}'", 1)
+        index = faiss.read_index(str(path))
+        apply_params(index, json.loads(record["params"] or "{}"))
+    if params:
+        apply_params(index, params)
+    return index, record
+
+
+def stored_ids(index: faiss.Index) -> np.ndarray:
+    """The catalog ids an index holds, sorted."""
+    return np.sort(faiss.vector_to_array(faiss.downcast_index(index).id_map))

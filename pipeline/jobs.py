@@ -1,0 +1,269 @@
+"""The indexing job: diff the folders with the catalog, decode and embed, commit in batches.
+
+Decoding runs in worker threads ahead of the model (Pillow and TensorFlow both
+release the GIL), so the model is never waiting on JPEG decoding. Each batch is
+made durable in two steps: vector bytes are appended and fsynced, then one
+SQLite transaction inserts the rows that point at them. A kill -9 anywhere
+leaves either the old state or the new one; leftover bytes are cut on open.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import Counter, deque
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipeline import catalog, indexes, vectors
+from pipeline.decode import DecodeError, Decoded, decode_file
+from pipeline.embed import Embedder, describe_mismatch, fingerprint_json
+from pipeline.errors import CbirError
+from pipeline.scan import ScannedFile, scan
+
+
+@dataclass
+class Summary:
+    """What one job did; printed by the CLI and stored in the runs table."""
+
+    scanned: int = 0
+    unchanged: int = 0
+    indexed: int = 0  # embedded by the model
+    copied: int = 0  # identical bytes already indexed: vector copied, no model run
+    failed: int = 0
+    duplicates: int = 0
+    relabelled: int = 0
+    pruned: int = 0
+    failures: list[tuple[str, str]] = field(default_factory=list)
+
+    def counts(self) -> dict[str, int]:
+        return {k: v for k, v in self.__dict__.items() if isinstance(v, int)}
+
+
+def open_collection(catalog_path: str | Path, create: bool = True):
+    """Open a catalog and bring its vector file back to the last committed state."""
+    db = catalog.open_catalog(catalog_path, create=create)
+    dim = catalog.dimension(db)
+    if dim:
+        vectors.recover(vectors.vectors_path(catalog_path), dim, catalog.next_id(db))
+    return db
+
+
+def check_fingerprint(db, embedder: Embedder) -> None:
+    """Refuse to mix vectors from different models; adopt the model on a new catalog."""
+    stored = catalog.fingerprint(db)
+    current = embedder.fingerprint
+    if stored is None:
+        with db.conn:
+            catalog.set_meta(db, "fingerprint", fingerprint_json(current))
+            catalog.set_meta(db, "dimension", current["dimension"])
+            catalog.set_meta(db, "metric", "inner_product")
+        return
+    if fingerprint_json(stored) != fingerprint_json(current):
+        raise CbirError(
+            "the catalog's vectors were made by a different model or preprocessing "
+            f"({describe_mismatch(stored, current)}); use a new --catalog, or the same --weights"
+        )
+
+
+def _plan(
+    db, scanned: list[ScannedFile], retry_failed: bool
+) -> tuple[list[ScannedFile], dict[str, int], dict[int, str | None], int]:
+    """Split scanned files into work: (to extract, replaced path->id, label changes, unchanged)."""
+    existing = catalog.rows_by_path(db)
+    todo: list[ScannedFile] = []
+    replaced: dict[str, int] = {}
+    relabel: dict[int, str | None] = {}
+    unchanged = 0
+    for f in scanned:
+        row = existing.get(f.path)
+        same = row and row["size"] == f.size and row["mtime"] == f.mtime
+        if same and not (retry_failed and row["status"] == "failed"):
+            unchanged += 1
+            if row["label"] != f.label:
+                relabel[row["id"]] = f.label
+            continue
+        if row:
+            replaced[f.path] = row["id"]
+        todo.append(f)
+    return todo, replaced, relabel, unchanged
+
+
+def _decoded_stream(
+    files: list[ScannedFile], workers: int, max_pixels: int, lookahead: int
+) -> Iterator[tuple[ScannedFile, Decoded | DecodeError]]:
+    """Decode in a thread pool, in order, keeping at most `lookahead` files in flight."""
+
+    def work(f: ScannedFile) -> Decoded | DecodeError:
+        try:
+            return decode_file(f.path, max_pixels)
+        except DecodeError as e:
+            return e
+
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        pending: deque[tuple[ScannedFile, Future]] = deque()
+        it = iter(files)
+        for f in it:
+            pending.append((f, pool.submit(work, f)))
+            if len(pending) >= lookahead:
+                break
+        while pending:
+            f, fut = pending.popleft()
+            nxt = next(it, None)
+            if nxt is not None:
+                pending.append((nxt, pool.submit(work, nxt)))
+            yield f, fut.result()
+
+
+def _row(f: ScannedFile, image_id: int, run_id: int, decoded: Decoded | None, error: str | None):
+    stamp = catalog.now()
+    return {
+        "id": image_id,
+        "path": f.path,
+        "size": f.size,
+        "mtime": f.mtime,
+        "sha256": decoded.sha256 if decoded else None,
+        "width": decoded.width if decoded else None,
+        "height": decoded.height if decoded else None,
+        "label": f.label,
+        "status": "failed" if error else "indexed",
+        "error": error,
+        "run_id": run_id,
+        "created_at": stamp,
+        "updated_at": stamp,
+    }
+
+
+def run_index(
+    roots: list[str],
+    catalog_path: str | Path,
+    index_dir: str | Path,
+    load_model: Callable[[], Embedder],
+    settings: dict[str, Any],
+    progress: Callable[[int], Any] | None = None,
+    on_total: Callable[[int], Any] | None = None,
+) -> Summary:
+    """Index `roots` into the catalog; returns what was done.
+
+    `load_model` is called only when there is something to extract, so a
+    rerun with nothing new never pays for TensorFlow.
+    """
+    summary = Summary()
+    with catalog.write_lock(catalog_path):
+        db = open_collection(catalog_path)
+        run_id = catalog.start_run(db, "index", {"roots": roots, **settings})
+        try:
+            _index_into(
+                db, roots, catalog_path, load_model, settings, summary, run_id, progress, on_total
+            )
+            if catalog.dimension(db) and len(catalog.indexed_ids(db)):
+                indexes.build_and_save(
+                    db, catalog_path, index_dir, indexes.EXACT, indexes.EXACT_FACTORY
+                )
+        except BaseException:
+            catalog.end_run(db, run_id, "failed", summary.counts())
+            raise
+        catalog.end_run(db, run_id, "done", summary.counts())
+    return summary
+
+
+def _index_into(db, roots, catalog_path, load_model, settings, summary, run_id, progress, on_total):
+    scanned = list(scan(roots, labels=settings["labels"], split=settings.get("split", "")))
+    summary.scanned = len(scanned)
+    todo, replaced, relabel, summary.unchanged = _plan(db, scanned, settings["retry_failed"])
+    if relabel:
+        catalog.update_labels(db, relabel)
+        summary.relabelled = len(relabel)
+    if settings["prune"]:
+        summary.pruned = _prune(db, roots, {f.path for f in scanned})
+    if on_total:
+        on_total(len(todo))
+    if not todo:
+        return
+    embedder = load_model()
+    check_fingerprint(db, embedder)
+    dim = embedder.fingerprint["dimension"]
+    vec_path = vectors.vectors_path(catalog_path)
+    vectors.recover(vec_path, dim, catalog.next_id(db))
+    batch_size = embedder.batch_size
+    seen_sha: dict[str, int] = {}  # sha -> id indexed earlier in this run
+
+    batch: list[tuple[ScannedFile, Decoded | DecodeError]] = []
+    stream = _decoded_stream(
+        todo, settings["workers"], int(settings["max_pixels"]), lookahead=4 * batch_size
+    )
+    for item in stream:
+        batch.append(item)
+        if len(batch) == batch_size:
+            _commit(db, batch, replaced, embedder, vec_path, dim, run_id, seen_sha, summary)
+            if progress:
+                progress(len(batch))
+            batch = []
+    if batch:
+        _commit(db, batch, replaced, embedder, vec_path, dim, run_id, seen_sha, summary)
+        if progress:
+            progress(len(batch))
+
+
+def _commit(db, batch, replaced, embedder, vec_path, dim, run_id, seen_sha, summary) -> None:
+    """Embed one batch, write its vectors durably, then commit its rows."""
+    start = catalog.next_id(db)
+    out = np.zeros((len(batch), dim), dtype=np.float32)
+    rows = []
+    to_embed: list[int] = []
+    for offset, (f, result) in enumerate(batch):
+        image_id = start + offset
+        if isinstance(result, DecodeError):
+            rows.append(_row(f, image_id, run_id, None, str(result)))
+            summary.failed += 1
+            summary.failures.append((f.path, str(result)))
+            continue
+        rows.append(_row(f, image_id, run_id, result, None))
+        twin = seen_sha.get(result.sha256)
+        if twin is None:
+            twin = catalog.find_by_sha(db, result.sha256)
+        if twin is not None:
+            if twin != replaced.get(f.path):  # a touched but unchanged file is no duplicate
+                summary.duplicates += 1
+            if twin >= start:  # its twin is in this very batch: embed both
+                to_embed.append(offset)
+            else:
+                out[offset] = vectors.read(vec_path, dim, start, [twin])[0]
+                summary.copied += 1
+        else:
+            to_embed.append(offset)
+        seen_sha.setdefault(result.sha256, image_id)
+    if to_embed:
+        pixels = np.stack([batch[i][1].pixels for i in to_embed])
+        out[to_embed] = embedder.embed(pixels)
+        summary.indexed += len(to_embed)
+    vectors.append(vec_path, start, out)
+    replaced_ids = [replaced[f.path] for f, _ in batch if f.path in replaced]
+    catalog.commit_batch(db, rows, replaced_ids, start + len(batch))
+
+
+def _prune(db, roots: list[str], seen: set[str]) -> int:
+    """Drop rows of files under `roots` that the scan no longer found."""
+    prefixes = []
+    for root in roots:
+        root = os.path.abspath(root)
+        base = (
+            os.path.dirname(root) if root.lower().endswith(".csv") or os.path.isfile(root) else root
+        )
+        prefixes.append(base.rstrip(os.sep) + os.sep)
+    gone = [
+        row["id"]
+        for path, row in catalog.rows_by_path(db).items()
+        if path not in seen and any(path.startswith(p) for p in prefixes)
+    ]
+    catalog.delete_rows(db, gone)
+    return len(gone)
+
+
+def failure_reasons(summary: Summary) -> Counter:
+    """Failures grouped by the start of their reason, for a compact summary."""
+    return Counter(reason.split(":")[0] for _, reason in summary.failures)

@@ -1,0 +1,130 @@
+"""Walking folders: which files are images, where they are, and their labels."""
+
+from __future__ import annotations
+
+import csv
+import os
+import stat
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from pipeline.errors import CbirError
+
+IMAGE_EXTENSIONS = frozenset(
+    {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm"}
+)
+
+
+@dataclass(frozen=True)
+class ScannedFile:
+    """One image file found on disk, before it is opened."""
+
+    path: str  # absolute, symlinks kept as the user named them
+    size: int
+    mtime: float
+    label: str | None
+
+
+def is_image_name(name: str) -> bool:
+    return os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
+
+
+def read_label_csv(csv_path: str | Path, split: str = "") -> dict[str, str | None]:
+    """Read `path,label[,split]` rows; paths are relative to the CSV's folder.
+
+    Returns absolute path -> label, keeping only rows of `split` when given.
+    """
+    csv_path = Path(csv_path)
+    base = csv_path.resolve().parent
+    try:
+        with csv_path.open(newline="") as f:
+            reader = csv.DictReader(f)
+            if not reader.fieldnames or "path" not in reader.fieldnames:
+                raise CbirError(
+                    f"{csv_path}: a label CSV needs a 'path' column (path,label[,split])"
+                )
+            rows = list(reader)
+    except FileNotFoundError:
+        raise CbirError(f"label file not found: {csv_path}") from None
+    if split and rows and "split" not in rows[0]:
+        raise CbirError(f"{csv_path}: --split {split} given but the CSV has no 'split' column")
+    labels: dict[str, str | None] = {}
+    for row in rows:
+        if split and row.get("split") != split:
+            continue
+        labels[os.path.abspath(base / row["path"])] = row.get("label") or None
+    return labels
+
+
+def _walk(root: str, seen_dirs: set[tuple[int, int]]) -> Iterator[str]:
+    """Yield image paths under `root`, following directory links once each."""
+    try:
+        st = os.stat(root)
+    except OSError:
+        return
+    key = (st.st_dev, st.st_ino)
+    if key in seen_dirs:  # a symlink loop or a second link to the same folder
+        return
+    seen_dirs.add(key)
+    try:
+        entries = sorted(os.scandir(root), key=lambda e: e.name)
+    except OSError:
+        return
+    for entry in entries:
+        if entry.name.startswith("."):
+            continue
+        try:
+            is_dir = entry.is_dir(follow_symlinks=True)
+        except OSError:
+            continue
+        if is_dir:
+            yield from _walk(entry.path, seen_dirs)
+        elif is_image_name(entry.name):
+            yield entry.path
+
+
+def scan(
+    roots: Iterable[str | Path], labels: str = "folder", split: str = ""
+) -> Iterator[ScannedFile]:
+    """Find the image files under `roots` (folders, image files or manifest CSVs).
+
+    `labels` is "folder" (the parent folder's name), "none", or a CSV path of
+    `path,label`. A root ending in `.csv` lists the files itself, with their
+    labels, optionally restricted to one `split`.
+    """
+    csv_labels = read_label_csv(labels) if labels not in ("folder", "none") else None
+    seen_dirs: set[tuple[int, int]] = set()
+    seen_files: set[str] = set()
+    for root in roots:
+        root = os.path.abspath(root)
+        listed: dict[str, str | None] | None = None
+        if root.lower().endswith(".csv"):
+            listed = read_label_csv(root, split)
+            paths: Iterable[str] = sorted(listed)
+        elif os.path.isdir(root):
+            paths = _walk(root, seen_dirs)
+        elif os.path.exists(root):
+            paths = [root] if is_image_name(root) else []
+        else:
+            raise CbirError(f"no such file or folder: {root}")
+        for path in paths:
+            if path in seen_files:
+                continue
+            try:
+                st = os.stat(path)
+            except OSError:
+                # Listed in a manifest but missing, or a dangling link: nothing to index.
+                continue
+            if not stat.S_ISREG(st.st_mode):
+                continue
+            seen_files.add(path)
+            if listed is not None and labels == "folder":
+                label = listed[path]
+            elif csv_labels is not None:
+                label = csv_labels.get(path)
+            elif labels == "none":
+                label = None
+            else:
+                label = os.path.basename(os.path.dirname(path))
+            yield ScannedFile(path=path, size=st.st_size, mtime=st.st_mtime, label=label)
