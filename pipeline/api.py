@@ -14,7 +14,8 @@ from typing import Any
 
 import numpy as np
 
-from pipeline import catalog, indexes, jobs, search as search_mod, vectors
+from pipeline import catalog, indexes, jobs, vectors
+from pipeline import search as search_mod
 from pipeline.config import load_settings
 from pipeline.decode import DecodeError, decode_file
 from pipeline.embed import Embedder, describe_mismatch, fingerprint_json, load_embedder

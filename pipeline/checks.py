@@ -78,6 +78,7 @@ def verify_collection(catalog_path: str | Path, index_dir: str | Path) -> dict[s
     vec_path = vectors.vectors_path(catalog_path)
     ids = catalog.indexed_ids(db)
     checked = {"images": 0, "vectors": 0, "indexes": 0}
+    vectors_complete = False
 
     max_id = next(iter(db.query("select max(id) m from images")))["m"]
     if max_id is not None and max_id >= committed:
@@ -107,6 +108,7 @@ def verify_collection(catalog_path: str | Path, index_dir: str | Path) -> dict[s
                 f"vector file has {rows_on_disk} rows, the catalog committed {committed}"
             )
         else:
+            vectors_complete = True
             if rows_on_disk > committed:
                 notes.append(
                     f"{rows_on_disk - committed} uncommitted vector rows from an interrupted job "
@@ -129,7 +131,10 @@ def verify_collection(catalog_path: str | Path, index_dir: str | Path) -> dict[s
     for rec in catalog.index_records(db):
         path = indexes.index_path(index_dir, rec["name"])
         if not path.exists():
-            problems.append(f"index {rec['name']}: file {path} is missing")
+            if rec["name"] == indexes.EXACT:  # derived and cheap: search rebuilds it
+                notes.append(f"exact index file {path} is missing; it is rebuilt when needed")
+            else:
+                problems.append(f"index {rec['name']}: file {path} is missing")
             continue
         try:
             index = faiss.read_index(str(path))
@@ -151,7 +156,7 @@ def verify_collection(catalog_path: str | Path, index_dir: str | Path) -> dict[s
             problems.append(
                 f"index {rec['name']}: {missing} catalog ids missing, {extra} unknown ids"
             )
-        elif rec["factory"] == indexes.EXACT_FACTORY and len(ids):
+        elif rec["factory"] == indexes.EXACT_FACTORY and len(ids) and vectors_complete:
             sample = ids[:: max(1, len(ids) // 1000)]
             inner = faiss.downcast_index(faiss.downcast_index(index).index)
             id_map = faiss.vector_to_array(faiss.downcast_index(index).id_map)

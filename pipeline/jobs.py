@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from pipeline import catalog, indexes, vectors
-from pipeline.decode import DecodeError, Decoded, decode_file
+from pipeline.decode import Decoded, DecodeError, decode_file
 from pipeline.embed import Embedder, describe_mismatch, fingerprint_json
 from pipeline.errors import CbirError
 from pipeline.scan import ScannedFile, scan
@@ -215,6 +215,7 @@ def _commit(db, batch, replaced, embedder, vec_path, dim, run_id, seen_sha, summ
     out = np.zeros((len(batch), dim), dtype=np.float32)
     rows = []
     to_embed: list[int] = []
+    in_batch: list[tuple[int, int]] = []  # (offset, offset of its identical twin in this batch)
     for offset, (f, result) in enumerate(batch):
         image_id = start + offset
         if isinstance(result, DecodeError):
@@ -226,21 +227,24 @@ def _commit(db, batch, replaced, embedder, vec_path, dim, run_id, seen_sha, summ
         twin = seen_sha.get(result.sha256)
         if twin is None:
             twin = catalog.find_by_sha(db, result.sha256)
-        if twin is not None:
-            if twin != replaced.get(f.path):  # a touched but unchanged file is no duplicate
-                summary.duplicates += 1
-            if twin >= start:  # its twin is in this very batch: embed both
-                to_embed.append(offset)
-            else:
-                out[offset] = vectors.read(vec_path, dim, start, [twin])[0]
-                summary.copied += 1
-        else:
+        if twin is None:
             to_embed.append(offset)
-        seen_sha.setdefault(result.sha256, image_id)
+            seen_sha[result.sha256] = image_id
+            continue
+        if twin != replaced.get(f.path):  # a touched but unchanged file is no duplicate
+            summary.duplicates += 1
+        summary.copied += 1
+        if twin >= start:
+            in_batch.append((offset, twin - start))
+        else:
+            out[offset] = vectors.read(vec_path, dim, start, [twin])[0]
+        seen_sha.setdefault(result.sha256, twin)
     if to_embed:
         pixels = np.stack([batch[i][1].pixels for i in to_embed])
         out[to_embed] = embedder.embed(pixels)
         summary.indexed += len(to_embed)
+    for offset, twin_offset in in_batch:
+        out[offset] = out[twin_offset]
     vectors.append(vec_path, start, out)
     replaced_ids = [replaced[f.path] for f, _ in batch if f.path in replaced]
     catalog.commit_batch(db, rows, replaced_ids, start + len(batch))
