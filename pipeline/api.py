@@ -42,6 +42,9 @@ def index(
 ) -> jobs.Summary:
     """Index image folders, files or manifest CSVs into the catalog; incremental."""
     s = settings_for(config, **options)
+    paths = list(paths) or list(s.get("roots", []))
+    if not paths:
+        raise CbirError("give at least one folder, image or manifest CSV (or 'roots' in a config)")
     return jobs.run_index(
         [str(p) for p in paths],
         s["catalog"],
@@ -88,7 +91,7 @@ def search(queries: list[str | int] | str | int, config: str | None = None, **op
     s = settings_for(config, **options)
     if isinstance(queries, str | int | Path):
         queries = [queries]
-    db = jobs.open_collection(s["catalog"], create=False)
+    db = jobs.open_collection(s["catalog"], create=False, writer=False)
     dim = catalog.dimension(db)
     if not dim:
         raise CbirError(f"catalog {s['catalog']} has no indexed images yet")

@@ -118,11 +118,6 @@ def index_cmd(paths: tuple[str, ...], **options: Any) -> None:
     from tqdm import tqdm
 
     settings = api.settings_for(**options)
-    roots = list(paths) or list(settings.get("roots", []))
-    if not roots:
-        raise click.UsageError(
-            "give at least one folder, image or manifest CSV (or 'roots' in a config)"
-        )
     bar: list[tqdm] = []
 
     def on_total(n: int) -> None:
@@ -133,7 +128,7 @@ def index_cmd(paths: tuple[str, ...], **options: Any) -> None:
         bar[0].update(n)
 
     try:
-        summary = api.index(roots, progress=progress, on_total=on_total, **options)
+        summary = api.index(list(paths), progress=progress, on_total=on_total, **options)
     finally:
         for b in bar:
             b.close()

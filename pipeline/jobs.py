@@ -44,12 +44,21 @@ class Summary:
         return {k: v for k, v in self.__dict__.items() if isinstance(v, int)}
 
 
-def open_collection(catalog_path: str | Path, create: bool = True):
-    """Open a catalog and bring its vector file back to the last committed state."""
+def open_collection(catalog_path: str | Path, create: bool = True, writer: bool = True):
+    """Open a catalog and check its vector file against the committed rows.
+
+    A writer (holding the write lock) also cuts the bytes an interrupted job
+    left past the last commit. A reader never does: those bytes may belong to
+    a batch that a running job is about to commit.
+    """
     db = catalog.open_catalog(catalog_path, create=create)
     dim = catalog.dimension(db)
     if dim:
-        vectors.recover(vectors.vectors_path(catalog_path), dim, catalog.next_id(db))
+        vec_path = vectors.vectors_path(catalog_path)
+        if writer:
+            vectors.recover(vec_path, dim, catalog.next_id(db))
+        else:
+            vectors.check(vec_path, dim, catalog.next_id(db))
     return db
 
 

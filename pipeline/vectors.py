@@ -29,20 +29,25 @@ def row_count(path: Path, dim: int) -> int:
         return 0
 
 
-def recover(path: Path, dim: int, committed_rows: int) -> int:
-    """Cut bytes past the committed rows; return how many rows were dropped.
+def check(path: Path, dim: int, committed_rows: int) -> int:
+    """Fail loudly if the file is shorter than the catalog says; return its size.
 
-    Fails loudly if the file is shorter than the catalog says, which only a
-    lost or truncated file can cause.
+    Only a lost, truncated or replaced file can cause that.
     """
     size = os.path.getsize(path) if path.exists() else 0
-    want = committed_rows * dim * 4
-    if size < want:
+    if size < committed_rows * dim * 4:
         raise CbirError(
             f"vector file {path} holds {size // (dim * 4)} rows but the catalog has "
             f"committed {committed_rows}: the file was truncated or replaced",
             exit_code=1,
         )
+    return size
+
+
+def recover(path: Path, dim: int, committed_rows: int) -> int:
+    """Cut bytes past the committed rows (writers only); return how many rows were dropped."""
+    size = check(path, dim, committed_rows)
+    want = committed_rows * dim * 4
     if size > want:
         with open(path, "r+b") as f:
             f.truncate(want)

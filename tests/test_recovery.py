@@ -125,6 +125,9 @@ def test_torn_vector_tail_is_cut_on_open(tmp_path, corel_collection):
         f.write(b"\x01" * (2048 * 4 * 2 + 100))
     report = pipeline.verify(**o)
     assert report["ok"] and any("uncommitted" in n for n in report["notes"])
+    # A reader must leave the tail alone: it may be a batch a running job is about to commit.
+    assert pipeline.search([1], **o)[0]["results"][0]["id"] == 1
+    assert path.stat().st_size == size + 2048 * 4 * 2 + 100
     pipeline.index([tmp_path / "m.csv"], **o)
     assert path.stat().st_size == size
     assert pipeline.verify(**o)["ok"]
