@@ -14,9 +14,9 @@ from typing import Any
 
 import numpy as np
 
-from pipeline import catalog, indexes, jobs, vectors
+from pipeline import catalog, indexes, jobs, rerank, vectors
 from pipeline import search as search_mod
-from pipeline.config import load_settings
+from pipeline.config import DEFAULTS, load_settings
 from pipeline.decode import DecodeError, decode_file
 from pipeline.embed import Embedder, describe_mismatch, fingerprint_json, load_embedder
 from pipeline.errors import CbirError
@@ -31,6 +31,22 @@ def cached_embedder(weights: str, batch_size: int) -> Embedder:
 
 def settings_for(config: str | None = None, **options: Any) -> dict[str, Any]:
     return load_settings(config, options)
+
+
+def weights_for(s: dict[str, Any]) -> str:
+    """The weights to use: as given, or, when left at the default, the file the catalog was built with.
+
+    So `cbir search q.jpg` after `cbir index --weights FILE` needs no --weights.
+    """
+    weights = str(s["weights"])
+    if weights != DEFAULTS["weights"] or not os.path.exists(s["catalog"]):
+        return weights
+    recorded = catalog.get_meta(catalog.open_catalog(s["catalog"]), "weights_source")
+    return recorded if recorded and os.path.isfile(recorded) else weights
+
+
+def embedder_for(s: dict[str, Any]) -> Embedder:
+    return cached_embedder(weights_for(s), int(s["batch_size"]))
 
 
 def index(
@@ -49,7 +65,7 @@ def index(
         [str(p) for p in paths],
         s["catalog"],
         s["index_dir"],
-        lambda: cached_embedder(str(s["weights"]), int(s["batch_size"])),
+        lambda: embedder_for(s),
         s,
         progress=progress,
         on_total=on_total,
@@ -57,7 +73,7 @@ def index(
 
 
 def _query_embedder(db, s: dict[str, Any]) -> Embedder:
-    embedder = cached_embedder(str(s["weights"]), int(s["batch_size"]))
+    embedder = embedder_for(s)
     stored = catalog.fingerprint(db)
     if stored and fingerprint_json(stored) != fingerprint_json(embedder.fingerprint):
         raise CbirError(
@@ -82,11 +98,23 @@ def _expand_queries(queries: list[str | int]) -> list[str | int]:
     return out
 
 
+def _known_ids(db, ids) -> np.ndarray:
+    ids = [int(i) for i in ids]
+    rows = catalog.lookup(db, ids)
+    missing = [i for i in ids if i not in rows or rows[i]["status"] != "indexed"]
+    if missing:
+        raise CbirError(f"feedback names ids that are not indexed: {missing[:5]}")
+    return np.asarray(ids, dtype=np.int64)
+
+
 def search(queries: list[str | int] | str | int, config: str | None = None, **options: Any):
     """Top-k results for image files, folders of images, or catalog ids.
 
     Returns one dict per query: {"query", "query_id", "results": [...]} and,
     for an image that cannot be decoded, "error" instead of results.
+    Options beyond the settings: `params` (search parameters), `allow_stale`,
+    `relevant` / `not_relevant` (ids marked by the user: Rocchio feedback).
+    Settings `rerank` ("dba", "aqe", "dba+aqe") and `shortlist` re-rank.
     """
     s = settings_for(config, **options)
     if isinstance(queries, str | int | Path):
@@ -130,9 +158,21 @@ def search(queries: list[str | int] | str | int, config: str | None = None, **op
         for slot, v in zip(pixel_slots, embedded, strict=True):
             vecs[slot] = v
     good = [i for i, v in enumerate(vecs) if v is not None]
+    relevant, not_relevant = options.get("relevant") or [], options.get("not_relevant") or []
+    if relevant or not_relevant:
+        lookup = search_mod.catalog_lookup(db, s["catalog"])
+        for i in good:
+            vecs[i] = rerank.rocchio(
+                vecs[i], lookup(_known_ids(db, relevant)), lookup(_known_ids(db, not_relevant))
+            )
     if good:
         found = search_mod.search_vectors(
-            db, s["catalog"], index_obj, np.stack([vecs[i] for i in good]), int(s["k"])
+            db,
+            s["catalog"],
+            index_obj,
+            np.stack([vecs[i] for i in good]),
+            int(s["k"]),
+            how=search_mod.rerank_from(s),
         )
         for i, results in zip(good, found, strict=True):
             answers[i]["results"] = results
@@ -186,3 +226,29 @@ def verify(config: str | None = None, **options: Any) -> dict[str, Any]:
 
     s = settings_for(config, **options)
     return verify_collection(s["catalog"], s["index_dir"])
+
+
+def evaluate(
+    queries: str | None = None,
+    leave_one_out: bool = False,
+    method: str = "resnet50",
+    hybrid_weight: float = 0.5,
+    config: str | None = None,
+    **options: Any,
+) -> dict[str, Any]:
+    """mAP, P@1, P@10 and a per-class table of the catalog against labelled queries.
+
+    `queries` is a manifest CSV (its split=query rows) or a folder of labelled
+    images; or pass leave_one_out=True. `index` (an approximate index name)
+    adds its recall@10 against exact search; `rerank` re-ranks as in search.
+    """
+    from pipeline.evaluation import evaluate as run_evaluation
+
+    s = settings_for(config, **options)
+
+    def embed(pixels: np.ndarray) -> np.ndarray:
+        db = catalog.open_catalog(s["catalog"], create=False)
+        return _query_embedder(db, s).embed(pixels)
+
+    index_name = s["index"] if s["index"] != indexes.EXACT else None
+    return run_evaluation(s, queries, leave_one_out, method, index_name, hybrid_weight, embed)

@@ -154,6 +154,21 @@ def index_cmd(paths: tuple[str, ...], **options: Any) -> None:
 @click.option("--index", default=None, help="'exact' (default) or the name of a built index.")
 @click.option("--json", "as_json", is_flag=True, help="JSON Lines: one line per query.")
 @click.option("--allow-stale", is_flag=True, help="Search an approximate index even if stale.")
+@click.option("--rerank", default=None, help="Re-rank: 'dba', 'aqe' or 'dba+aqe' [default none].")
+@click.option("--shortlist", type=int, default=None, help="Candidates to re-rank [default 100].")
+@click.option(
+    "--relevant",
+    type=int,
+    multiple=True,
+    help="Relevance feedback: an id you marked relevant (repeatable).",
+)
+@click.option(
+    "--not-relevant",
+    "not_relevant",
+    type=int,
+    multiple=True,
+    help="Relevance feedback: an id you marked not relevant (repeatable).",
+)
 @search_param_options
 @common_options
 def search_cmd(queries: tuple[str, ...], ids: tuple[int, ...], as_json: bool, **options) -> None:
@@ -259,6 +274,59 @@ def verify_cmd(as_json: bool, **options) -> None:
         )
     if not report["ok"]:
         sys.exit(1)
+
+
+@main.command("evaluate")
+@click.argument("queries", required=False)
+@click.option("--leave-one-out", is_flag=True, help="Each catalog image queries the rest.")
+@click.option(
+    "--method",
+    type=click.Choice(["resnet50", "color", "hybrid"]),
+    default="resnet50",
+    show_default=True,
+    help="Descriptor: the paper's deep feature, HSV colour, or both.",
+)
+@click.option(
+    "--hybrid-weight",
+    type=float,
+    default=0.5,
+    show_default=True,
+    help="With --method hybrid: weight of the deep feature (colour gets the rest).",
+)
+@click.option("--index", default=None, help="Evaluate an approximate index (adds recall@10).")
+@click.option("--rerank", default=None, help="Re-rank as in search: dba, aqe, dba+aqe.")
+@click.option(
+    "--report",
+    "report_dir",
+    type=click.Path(file_okay=False),
+    help="Write an HTML report (top-10 thumbnails, per-class chart) here.",
+)
+@click.option("--json", "as_json", is_flag=True, help="One JSON object.")
+@common_options
+def evaluate_cmd(queries, leave_one_out, method, hybrid_weight, report_dir, as_json, **options):
+    """mAP, P@1, P@10 and per-class figures against labelled QUERIES (manifest CSV or folder)."""
+    result = api.evaluate(queries, leave_one_out, method, hybrid_weight, **options)
+    if report_dir:
+        from pipeline.report import write_report
+
+        result["report"] = str(write_report(result, report_dir))
+    if as_json:
+        click.echo(json.dumps({k: v for k, v in result.items() if k != "per_query"}, indent=2))
+        return
+    click.echo(
+        f"{result['method']} (rerank {result['rerank']}), {result['queries']} queries, "
+        f"{result['database']} database images, {result['protocol']}"
+    )
+    click.echo(
+        f"mAP {result['map']:.4f}   P@1 {result['p_at_1']:.4f}   P@10 {result['p_at_10']:.4f}"
+    )
+    if "recall_at_10" in result:
+        click.echo(f"index {result['index']}: recall@10 against exact {result['recall_at_10']:.4f}")
+    click.echo(f"  {'class':<32} {'queries':>7} {'mAP':>7} {'P@10':>7}")
+    for label, c in result["per_class"].items():
+        click.echo(f"  {label:<32} {c['queries']:>7} {c['map']:7.4f} {c['p_at_10']:7.4f}")
+    if report_dir:
+        click.echo(f"report: {result['report']}")
 
 
 @main.group("bench")

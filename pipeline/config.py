@@ -33,6 +33,10 @@ DEFAULTS: dict[str, Any] = {
     # search
     "k": 10,
     "index": "exact",
+    "rerank": "",
+    "rerank_n": 10,
+    "rerank_alpha": 3.0,
+    "shortlist": 100,
 }
 
 # Variables that scripts rely on; each maps to one settings key.

@@ -31,6 +31,7 @@ class Embedder:
     model: Any
     fingerprint: dict[str, Any]
     batch_size: int = 32
+    source: str = "imagenet"  # what --weights named: "imagenet" or an absolute file path
 
     def embed(self, pixels: np.ndarray) -> np.ndarray:
         """(n, 224, 224, 3) uint8 RGB -> (n, 2048) float32, each row of unit length."""
@@ -116,7 +117,8 @@ def load_embedder(weights: str = "imagenet", batch_size: int = 32) -> Embedder:
         "dimension": DIM,
         "normalization": "l2",
     }
-    return Embedder(model=model, fingerprint=fingerprint, batch_size=batch_size)
+    source = "imagenet" if str(weights) == "imagenet" else os.path.abspath(weights)
+    return Embedder(model=model, fingerprint=fingerprint, batch_size=batch_size, source=source)
 
 
 def fingerprint_json(fingerprint: dict[str, Any]) -> str:

@@ -71,6 +71,7 @@ def check_fingerprint(db, embedder: Embedder) -> None:
             catalog.set_meta(db, "fingerprint", fingerprint_json(current))
             catalog.set_meta(db, "dimension", current["dimension"])
             catalog.set_meta(db, "metric", "inner_product")
+            catalog.set_meta(db, "weights_source", embedder.source)
         return
     if fingerprint_json(stored) != fingerprint_json(current):
         raise CbirError(

@@ -1,31 +1,119 @@
 """The one search interface: query vectors in, ranked results out, whatever the index.
 
 Approximate indexes return candidates; their scores are then recomputed from
-the stored vectors, so every score printed is the true cosine similarity and
+the stored vectors, so every score printed is a true cosine similarity and
 exact and approximate results have the same meaning as well as the same shape.
+
+Re-ranking (database-side augmentation, alpha query expansion, relevance
+feedback) happens here too, on a shortlist of candidates, so it works with
+every index and is the same code that `cbir evaluate` measures.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import faiss
 import numpy as np
 
-from pipeline import catalog, vectors
+from pipeline import catalog, rerank, vectors
+from pipeline.errors import CbirError
+
+RERANK_METHODS = ("dba", "aqe")
+SHORTLIST = 100
+
+Lookup = Callable[[np.ndarray], np.ndarray]  # ids -> (len(ids), d) stored vectors
 
 
-def _rescore(
-    query: np.ndarray, candidates: np.ndarray, stored: np.ndarray
+@dataclass(frozen=True)
+class Rerank:
+    """How to re-rank: which methods, how many neighbours, their weighting, the shortlist."""
+
+    methods: tuple[str, ...] = ()
+    n: int = rerank.DEFAULT_N
+    alpha: float = rerank.DEFAULT_ALPHA
+    shortlist: int = SHORTLIST
+
+
+def parse_rerank(value: str | Sequence[str] | None) -> tuple[str, ...]:
+    """'dba+aqe' or ['dba', 'aqe'] -> ('dba', 'aqe'); unknown names are an error."""
+    if not value:
+        return ()
+    names = value.replace(",", "+").split("+") if isinstance(value, str) else list(value)
+    names = [n.strip().lower() for n in names if n.strip() and n.strip().lower() != "none"]
+    for n in names:
+        if n not in RERANK_METHODS:
+            raise CbirError(f"unknown re-ranking {n!r}: use dba, aqe or dba+aqe")
+    return tuple(m for m in RERANK_METHODS if m in names)  # DBA first, then QE on its vectors
+
+
+def rerank_from(settings: dict[str, Any]) -> Rerank:
+    """The re-ranking that settings ask for (keys rerank, rerank_n, rerank_alpha, shortlist)."""
+    n, shortlist = int(settings.get("rerank_n") or 0), int(settings.get("shortlist") or 0)
+    if n < 0 or shortlist < 0:
+        raise CbirError("rerank_n and shortlist must be positive")
+    alpha = settings.get("rerank_alpha")
+    return Rerank(
+        methods=parse_rerank(settings.get("rerank")),
+        n=n or rerank.DEFAULT_N,
+        alpha=float(alpha) if alpha not in (None, "") else rerank.DEFAULT_ALPHA,
+        shortlist=shortlist or SHORTLIST,
+    )
+
+
+def ranked(
+    index: faiss.Index,
+    lookup: Lookup,
+    queries: np.ndarray,
+    k: int,
+    how: Rerank = Rerank(),
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Exact cosine of one query against its candidate ids, best first."""
-    valid = candidates[candidates >= 0]
-    if len(valid) == 0:
-        return valid, np.zeros(0, dtype=np.float32)
-    scores = np.asarray(stored[np.sort(valid)], dtype=np.float32) @ query
-    order = np.argsort(-scores, kind="stable")
-    return np.sort(valid)[order], scores[order]
+    """(ids, scores), each (q, <=k), best first, -1 padded; scores exact against stored vectors.
+
+    With re-ranking, the first pass takes `shortlist` candidates; DBA replaces
+    each candidate by the weighted mean of its own nearest neighbours, and
+    alpha-QE expands each query with its best re-ranked candidates, before the
+    shortlist is scored again.
+    """
+    queries = np.ascontiguousarray(queries, dtype=np.float32)
+    ntotal = int(index.ntotal)
+    first_k = min(max(k, how.shortlist if how.methods else k), ntotal)
+    if first_k == 0:
+        return np.full((len(queries), 0), -1), np.zeros((len(queries), 0), np.float32)
+    _, cand = index.search(queries, first_k)
+    found = np.unique(cand[cand >= 0])
+    vecs = lookup(found)
+    if "dba" in how.methods:
+        _, nb = index.search(vecs, min(how.n, ntotal))
+        nb_flat = np.unique(nb[nb >= 0])
+        nb_vecs = lookup(nb_flat)
+        pos = np.searchsorted(nb_flat, np.where(nb >= 0, nb, nb_flat[0]))
+        nb_scores = np.einsum("cd,cnd->cn", vecs, nb_vecs[pos]) * (nb >= 0)
+        vecs = rerank.dba(nb_vecs, pos, nb_scores, how.alpha)
+    ids_out = np.full((len(queries), min(k, first_k)), -1, dtype=np.int64)
+    scores_out = np.zeros(ids_out.shape, dtype=np.float32)
+    for qi, (q, row) in enumerate(zip(queries, cand, strict=True)):
+        row = row[row >= 0]
+        cv = vecs[np.searchsorted(found, row)]
+        s = cv @ q
+        if "aqe" in how.methods and len(row):
+            best = np.argsort(-s, kind="stable")[: how.n]
+            q = rerank.alpha_qe(q[None, :], cv[best][None], s[best][None], how.alpha)[0]
+            s = cv @ q
+        order = np.lexsort((row, -s))[: ids_out.shape[1]]  # score desc, then id asc on ties
+        ids_out[qi, : len(order)] = row[order]
+        scores_out[qi, : len(order)] = s[order]
+    return ids_out, scores_out
+
+
+def catalog_lookup(db, catalog_path: str | Path) -> Lookup:
+    stored = vectors.open_rows(
+        vectors.vectors_path(catalog_path), catalog.dimension(db), catalog.next_id(db)
+    )
+    return lambda ids: np.asarray(stored[np.asarray(ids, dtype=np.int64)], dtype=np.float32)
 
 
 def search_vectors(
@@ -34,27 +122,16 @@ def search_vectors(
     index: faiss.Index,
     queries: np.ndarray,
     k: int = 10,
-    exact_scores: bool = True,
+    how: Rerank = Rerank(),
 ) -> list[list[dict[str, Any]]]:
     """Top-k results for each query vector, as lists of result dicts.
 
     Each result: rank (from 1), id, path, label, score (cosine similarity).
     """
-    queries = np.ascontiguousarray(queries, dtype=np.float32)
-    k_search = min(k, int(index.ntotal))
-    if k_search == 0:
-        return [[] for _ in queries]
-    scores, ids = index.search(queries, k_search)
-    if exact_scores:
-        stored = vectors.open_rows(
-            vectors.vectors_path(catalog_path), catalog.dimension(db), catalog.next_id(db)
-        )
-        pairs = [_rescore(q, row, stored) for q, row in zip(queries, ids, strict=True)]
-    else:
-        pairs = [(row[row >= 0], s[row >= 0]) for row, s in zip(ids, scores, strict=True)]
-    rows = catalog.lookup(db, np.unique(np.concatenate([p[0] for p in pairs])))
+    ids, scores = ranked(index, catalog_lookup(db, catalog_path), queries, k, how)
+    rows = catalog.lookup(db, np.unique(ids[ids >= 0]))
     results = []
-    for found_ids, found_scores in pairs:
+    for id_row, score_row in zip(ids, scores, strict=True):
         results.append(
             [
                 {
@@ -64,8 +141,8 @@ def search_vectors(
                     "label": rows[int(i)]["label"],
                     "score": round(float(s), 6),
                 }
-                for rank, (i, s) in enumerate(zip(found_ids, found_scores, strict=True), start=1)
-                if int(i) in rows
+                for rank, (i, s) in enumerate(zip(id_row, score_row, strict=True), start=1)
+                if i >= 0 and int(i) in rows
             ]
         )
     return results

@@ -1,0 +1,217 @@
+"""Measuring retrieval quality on a labelled catalog: mAP, P@1, P@10, per class, recall.
+
+Queries come from a manifest CSV (its `split=query` rows, held out of the
+catalog), a folder of labelled images, or leave-one-out over the catalog.
+Rankings go through `search.ranked`, the code that `cbir search` runs, over
+the whole database, so the figures describe what users get.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+from dataclasses import dataclass, replace
+from typing import Any
+
+import faiss
+import numpy as np
+
+from pipeline import catalog, color, indexes, jobs, metrics, vectors
+from pipeline.decode import DecodeError, decode_file
+from pipeline.embed import l2_normalize
+from pipeline.errors import CbirError
+from pipeline.scan import read_label_csv, scan
+from pipeline.search import ranked, rerank_from
+
+METHODS = ("resnet50", "color", "hybrid")
+
+
+@dataclass
+class Queries:
+    paths: list[str]
+    labels: list[str]
+    ids: list[int | None]  # catalog ids for leave-one-out, else None
+
+
+def load_queries(db, source: str | None, leave_one_out: bool) -> Queries:
+    """Labelled queries from a manifest CSV, a folder, or the catalog itself."""
+    if leave_one_out:
+        rows = list(
+            db.query(
+                "select id, path, label from images where status = 'indexed' "
+                "and label is not null order by id"
+            )
+        )
+        return Queries(
+            [r["path"] for r in rows], [r["label"] for r in rows], [r["id"] for r in rows]
+        )
+    if not source:
+        raise CbirError("give a query set (manifest CSV or folder) or --leave-one-out")
+    if source.lower().endswith(".csv"):
+        with open(source, newline="") as f:
+            has_split = "split" in (csv.DictReader(f).fieldnames or [])
+        labelled = read_label_csv(source, split="query" if has_split else "")
+        pairs = [(p, lab) for p, lab in labelled.items() if lab]
+    elif os.path.isdir(source):
+        pairs = [(f.path, f.label) for f in scan([source], labels="folder") if f.label]
+    else:
+        raise CbirError(f"query set must be a CSV or a folder: {source}")
+    if not pairs:
+        raise CbirError(f"no labelled queries in {source}")
+    return Queries([p for p, _ in pairs], [lab for _, lab in pairs], [None] * len(pairs))
+
+
+def _pixels(paths: list[str], max_pixels: int) -> tuple[np.ndarray, list[int]]:
+    """Decoded pixels of the files that decode, and the positions of those that do."""
+    out, ok = [], []
+    for i, p in enumerate(paths):
+        try:
+            out.append(decode_file(p, max_pixels).pixels)
+            ok.append(i)
+        except DecodeError:
+            continue
+    return (np.stack(out) if out else np.zeros((0, 224, 224, 3), np.uint8)), ok
+
+
+def descriptors(
+    method: str,
+    paths: list[str],
+    deep: np.ndarray | None,
+    embed,
+    max_pixels: int,
+    hybrid_weight: float,
+) -> tuple[np.ndarray, list[int]]:
+    """Unit vectors for `paths` under `method`; `deep` given = already embedded."""
+    need_pixels = method in ("color", "hybrid") or deep is None
+    pixels, ok = _pixels(paths, max_pixels) if need_pixels else (None, list(range(len(paths))))
+    if deep is None:
+        deep = embed(pixels) if len(ok) else np.zeros((0, 2048), np.float32)
+    else:
+        deep = deep[ok]
+    if method == "resnet50":
+        return deep, ok
+    hist = color.hsv_histograms(pixels)
+    if method == "color":
+        return hist, ok
+    # cos(hybrid) = w cos(deep) + (1 - w) cos(colour), by construction of the concatenation.
+    w = float(hybrid_weight)
+    return l2_normalize(np.hstack([np.sqrt(w) * deep, np.sqrt(1 - w) * hist])), ok
+
+
+def evaluate(
+    settings: dict[str, Any],
+    source: str | None = None,
+    leave_one_out: bool = False,
+    method: str = "resnet50",
+    index_name: str | None = None,
+    hybrid_weight: float = 0.5,
+    embed=None,
+) -> dict[str, Any]:
+    """Evaluate the catalog against labelled queries; returns metrics and every ranking."""
+    if method not in METHODS:
+        raise CbirError(f"unknown method {method!r}: use {', '.join(METHODS)}")
+    how = rerank_from(settings)
+    db = jobs.open_collection(settings["catalog"], create=False, writer=False)
+    ids = catalog.indexed_ids(db)
+    if not len(ids):
+        raise CbirError("the catalog has no indexed images")
+    rows = catalog.lookup(db, ids)
+    db_labels = np.array([rows[int(i)]["label"] or "" for i in ids])
+    db_paths = [rows[int(i)]["path"] for i in ids]
+    if not any(db_labels):
+        raise CbirError("the catalog has no labels: index with --labels folder or a label CSV")
+    dim = catalog.dimension(db)
+    deep_db = vectors.read(vectors.vectors_path(settings["catalog"]), dim, catalog.next_id(db), ids)
+    queries = load_queries(db, source, leave_one_out)
+    max_pixels = int(settings["max_pixels"])
+
+    db_desc, db_ok = descriptors(method, db_paths, deep_db, embed, max_pixels, hybrid_weight)
+    if leave_one_out:
+        pos = {int(i): p for p, i in enumerate(ids)}
+        q_deep = deep_db[[pos[i] for i in queries.ids]]
+    else:
+        q_deep = None
+    q_desc, q_ok = descriptors(method, queries.paths, q_deep, embed, max_pixels, hybrid_weight)
+    if len(q_ok) < len(queries.paths):
+        raise CbirError(f"{len(queries.paths) - len(q_ok)} query images could not be decoded")
+    db_ids = ids[db_ok]
+    db_labels = db_labels[db_ok]
+
+    # The database as a flat index keyed by catalog id, searched by the same code as `cbir search`.
+    flat = faiss.IndexIDMap2(faiss.IndexFlatIP(db_desc.shape[1]))
+    flat.add_with_ids(np.ascontiguousarray(db_desc, dtype=np.float32), db_ids)
+    row_of = {int(i): p for p, i in enumerate(db_ids)}
+
+    def lookup(wanted: np.ndarray) -> np.ndarray:
+        return db_desc[[row_of[int(i)] for i in wanted]]
+
+    n = len(db_ids)
+    found, _ = ranked(flat, lookup, q_desc, n, replace(how, shortlist=n))
+
+    result: dict[str, Any] = {"method": method, "rerank": "+".join(how.methods) or "none"}
+    if how.methods:
+        result["rerank_n"], result["rerank_alpha"] = how.n, how.alpha
+    if index_name and index_name != indexes.EXACT:
+        if method != "resnet50":
+            raise CbirError(
+                "--index evaluates the catalog's ResNet50 vectors: use --method resnet50"
+            )
+        approx, _ = indexes.load(db, settings["catalog"], settings["index_dir"], index_name)
+        from pipeline.search import catalog_lookup
+
+        k_eval = min(n, 1000)
+        approx_found, _ = ranked(
+            approx, catalog_lookup(db, settings["catalog"]), q_desc, k_eval, how
+        )
+        exact_top = [r[r >= 0][:11] for r in found]
+        approx_top = [r[r >= 0][:11] for r in approx_found]
+        if leave_one_out:
+            exact_top = [t[t != q][:10] for t, q in zip(exact_top, queries.ids, strict=True)]
+            approx_top = [t[t != q][:10] for t, q in zip(approx_top, queries.ids, strict=True)]
+        result["index"] = index_name
+        result["recall_at_10"] = metrics.recall_at(approx_top, exact_top, 10)
+        found = approx_found
+
+    label_of = dict(zip(db_ids.tolist(), db_labels.tolist(), strict=True))
+    per_query = []
+    for qi, row in enumerate(found):
+        row = row[row >= 0]
+        if leave_one_out:
+            row = row[row != queries.ids[qi]]
+        rel = np.array([label_of[int(i)] == queries.labels[qi] for i in row], dtype=bool)
+        total = int((db_labels == queries.labels[qi]).sum()) - (1 if leave_one_out else 0)
+        per_query.append(
+            {
+                "query": queries.paths[qi],
+                "label": queries.labels[qi],
+                "ap": metrics.average_precision(rel, total),
+                "p_at_1": metrics.precision_at(rel, 1),
+                "p_at_10": metrics.precision_at(rel, 10),
+                "top10": [
+                    {"id": int(i), "path": rows[int(i)]["path"], "label": label_of[int(i)]}
+                    for i in row[:10]
+                ],
+            }
+        )
+    classes = sorted({q["label"] for q in per_query})
+    per_class = {
+        c: {
+            "queries": sum(q["label"] == c for q in per_query),
+            "map": float(np.mean([q["ap"] for q in per_query if q["label"] == c])),
+            "p_at_10": float(np.mean([q["p_at_10"] for q in per_query if q["label"] == c])),
+        }
+        for c in classes
+    }
+    result.update(
+        {
+            "queries": len(per_query),
+            "database": n,
+            "protocol": "leave-one-out" if leave_one_out else f"held-out queries from {source}",
+            "map": float(np.mean([q["ap"] for q in per_query])),
+            "p_at_1": float(np.mean([q["p_at_1"] for q in per_query])),
+            "p_at_10": float(np.mean([q["p_at_10"] for q in per_query])),
+            "per_class": per_class,
+            "per_query": per_query,
+        }
+    )
+    return result
