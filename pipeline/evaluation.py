@@ -146,7 +146,7 @@ def evaluate(
         return db_desc[[row_of[int(i)] for i in wanted]]
 
     n = len(db_ids)
-    found, _ = ranked(flat, lookup, q_desc, n, replace(how, shortlist=n))
+    found, found_scores = ranked(flat, lookup, q_desc, n, replace(how, shortlist=n))
 
     result: dict[str, Any] = {"method": method, "rerank": "+".join(how.methods) or "none"}
     if how.methods:
@@ -160,7 +160,7 @@ def evaluate(
         from pipeline.search import catalog_lookup
 
         k_eval = min(n, 1000)
-        approx_found, _ = ranked(
+        approx_found, found_scores = ranked(
             approx, catalog_lookup(db, settings["catalog"]), q_desc, k_eval, how
         )
         exact_top = [r[r >= 0][:11] for r in found]
@@ -175,9 +175,10 @@ def evaluate(
     label_of = dict(zip(db_ids.tolist(), db_labels.tolist(), strict=True))
     per_query = []
     for qi, row in enumerate(found):
-        row = row[row >= 0]
+        keep = row >= 0
         if leave_one_out:
-            row = row[row != queries.ids[qi]]
+            keep &= row != queries.ids[qi]
+        row, row_scores = row[keep], found_scores[qi][keep]
         rel = np.array([label_of[int(i)] == queries.labels[qi] for i in row], dtype=bool)
         total = int((db_labels == queries.labels[qi]).sum()) - (1 if leave_one_out else 0)
         per_query.append(
@@ -188,8 +189,13 @@ def evaluate(
                 "p_at_1": metrics.precision_at(rel, 1),
                 "p_at_10": metrics.precision_at(rel, 10),
                 "top10": [
-                    {"id": int(i), "path": rows[int(i)]["path"], "label": label_of[int(i)]}
-                    for i in row[:10]
+                    {
+                        "id": int(i),
+                        "path": rows[int(i)]["path"],
+                        "label": label_of[int(i)],
+                        "score": round(float(sc), 6),
+                    }
+                    for i, sc in zip(row[:10], row_scores[:10], strict=True)
                 ],
             }
         )
