@@ -24,9 +24,9 @@ from pipeline.scan import scan
 
 
 @functools.lru_cache(maxsize=4)
-def cached_embedder(weights: str, batch_size: int) -> Embedder:
+def cached_embedder(weights: str, batch_size: int, pooling: str = "avg") -> Embedder:
     """Load a model once per process (the CLI, a server and tests reuse it)."""
-    return load_embedder(weights, batch_size)
+    return load_embedder(weights, batch_size, pooling)
 
 
 def settings_for(config: str | None = None, **options: Any) -> dict[str, Any]:
@@ -45,8 +45,17 @@ def weights_for(s: dict[str, Any]) -> str:
     return recorded if recorded and os.path.isfile(recorded) else weights
 
 
+def pooling_for(s: dict[str, Any]) -> str:
+    """The pooling asked for; left at the default, the one the catalog was built with."""
+    pooling = str(s["pooling"])
+    if pooling != DEFAULTS["pooling"] or not os.path.exists(s["catalog"]):
+        return pooling
+    stored = catalog.fingerprint(catalog.open_catalog(s["catalog"])) or {}
+    return "gem" if str(stored.get("pooling", "")).startswith("gem") else pooling
+
+
 def embedder_for(s: dict[str, Any]) -> Embedder:
-    return cached_embedder(weights_for(s), int(s["batch_size"]))
+    return cached_embedder(weights_for(s), int(s["batch_size"]), pooling_for(s))
 
 
 def index(
@@ -252,3 +261,19 @@ def evaluate(
 
     index_name = s["index"] if s["index"] != indexes.EXACT else None
     return run_evaluation(s, queries, leave_one_out, method, index_name, hybrid_weight, embed)
+
+
+def train(
+    out: str | Path,
+    epochs: int = 15,
+    val_fraction: float = 0.2,
+    seed: int = 0,
+    config: str | None = None,
+    **options: Any,
+) -> dict[str, Any]:
+    """Fine-tune ResNet50 on the catalog's labelled images; saves `out` (.weights.h5) + `out.json`."""
+    from pipeline.train import train as run_training
+
+    s = settings_for(config, **options)
+    s["weights"] = weights_for(s)
+    return run_training(s, out, epochs=epochs, val_fraction=val_fraction, seed=seed)

@@ -106,6 +106,12 @@ def main() -> None:
 @click.option("--workers", type=int, default=None, help="Decoding threads.")
 @click.option("--batch-size", "batch_size", type=int, default=None, help="Images per model batch.")
 @click.option(
+    "--pooling",
+    type=click.Choice(["avg", "gem"]),
+    default=None,
+    help="Feature pooling: avg (default) or gem; fixed per catalog.",
+)
+@click.option(
     "--max-pixels",
     "max_pixels",
     type=int,
@@ -327,6 +333,46 @@ def evaluate_cmd(queries, leave_one_out, method, hybrid_weight, report_dir, as_j
         click.echo(f"  {label:<32} {c['queries']:>7} {c['map']:7.4f} {c['p_at_10']:7.4f}")
     if report_dir:
         click.echo(f"report: {result['report']}")
+
+
+@main.command("train")
+@click.option(
+    "--out",
+    required=True,
+    type=click.Path(dir_okay=False),
+    help="Where to save the fine-tuned weights (NAME.weights.h5; NAME.weights.h5.json beside).",
+)
+@click.option(
+    "--epochs",
+    type=int,
+    default=15,
+    show_default=True,
+    help="At most this many epochs (early stopping on validation loss).",
+)
+@click.option(
+    "--val-fraction",
+    "val_fraction",
+    type=float,
+    default=0.2,
+    show_default=True,
+    help="Share of each label held out for validation and early stopping.",
+)
+@click.option("--seed", type=int, default=0, show_default=True)
+@common_options
+def train_cmd(out: str, epochs: int, val_fraction: float, seed: int, **options) -> None:
+    """Fine-tune ResNet50 on the catalog's labelled images (80/20 train/validation split).
+
+    Then index with the new weights into a new catalog: cbir index --weights OUT --catalog NEW.db
+    """
+    record = api.train(out, epochs, val_fraction, seed, **options)
+    click.echo(
+        f"trained on {len(record['train_ids'])} images, validated on {len(record['val_ids'])}: "
+        f"best epoch {record['best_epoch']}/{record['epochs_run']}, "
+        f"val accuracy {record['val_accuracy']:.3f}, val mAP {record['val_map']:.3f}, "
+        f"{record['seconds']:.0f} s"
+    )
+    click.echo(f"weights: {record['weights_out']}")
+    click.echo(f"next: cbir index FOLDER --weights {out} --catalog NEW.db")
 
 
 @main.group("bench")

@@ -20,6 +20,7 @@ DEFAULTS: dict[str, Any] = {
     "index_dir": "index",
     # the model
     "weights": "imagenet",
+    "pooling": "avg",
     "batch_size": 32,
     # decoding
     "workers": 2,

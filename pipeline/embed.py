@@ -28,10 +28,11 @@ _BGR_MEAN = np.array([103.939, 116.779, 123.68], dtype=np.float32)
 class Embedder:
     """A loaded model and the fingerprint of what it produces."""
 
-    model: Any
+    model: Any  # outputs (n, 2048) for "avg" pooling, (n, 7, 7, 2048) for "gem"
     fingerprint: dict[str, Any]
     batch_size: int = 32
     source: str = "imagenet"  # what --weights named: "imagenet" or an absolute file path
+    pooling: str = "avg"
 
     def embed(self, pixels: np.ndarray) -> np.ndarray:
         """(n, 224, 224, 3) uint8 RGB -> (n, 2048) float32, each row of unit length."""
@@ -41,11 +42,30 @@ class Embedder:
             chunk = pixels[start : start + self.batch_size]
             # Pad to a fixed batch so TensorFlow traces the graph once.
             batch = np.zeros((self.batch_size, *chunk.shape[1:]), dtype=np.float32)
-            batch[: len(chunk)] = chunk[..., ::-1]
-            batch -= _BGR_MEAN
+            batch[: len(chunk)] = preprocess(chunk)
             features = np.asarray(self.model.predict_on_batch(batch))[: len(chunk)]
+            if self.pooling == "gem":
+                features = gem(features)
             out[start : start + len(chunk)] = l2_normalize(features)
         return out
+
+
+def preprocess(pixels: np.ndarray) -> np.ndarray:
+    """uint8 RGB -> float32 BGR minus the ImageNet mean (Keras' ResNet50 preprocess_input)."""
+    return pixels[..., ::-1].astype(np.float32) - _BGR_MEAN
+
+
+GEM_P = 3.0
+
+
+def gem(feature_maps: np.ndarray, p: float = GEM_P) -> np.ndarray:
+    """Generalised-mean pooling (Radenovic et al.): (mean x^p)^(1/p) over positions.
+
+    p = 1 is average pooling; larger p leans towards max pooling, which
+    favours the strongest local evidence of each channel.
+    """
+    x = np.clip(feature_maps, 1e-6, None).astype(np.float64)
+    return (np.mean(x**p, axis=(1, 2)) ** (1.0 / p)).astype(np.float32)
 
 
 def l2_normalize(x: np.ndarray) -> np.ndarray:
@@ -76,13 +96,20 @@ def import_keras():
     return keras
 
 
-def _build_resnet50(weights: str):
+POOLINGS = ("avg", "gem")
+
+
+def _build_resnet50(weights: str, pooling: str = "avg"):
+    """Keras ResNet50 without its classifier; GeM pools in numpy from the 7x7 maps."""
     keras = import_keras()
     if weights != "imagenet" and not Path(weights).is_file():
         raise CbirError(f"weights file not found: {weights}")
     try:
         return keras.applications.ResNet50(
-            weights=weights, include_top=False, pooling="avg", input_shape=(224, 224, 3)
+            weights=weights,
+            include_top=False,
+            pooling="avg" if pooling == "avg" else None,
+            input_shape=(224, 224, 3),
         )
     except Exception as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
@@ -106,19 +133,23 @@ def weights_digest(model) -> str:
     return h.hexdigest()
 
 
-def load_embedder(weights: str = "imagenet", batch_size: int = 32) -> Embedder:
-    """Build ResNet50 (no top, average pooling) with ImageNet or local weights."""
-    model = _build_resnet50(str(weights))
+def load_embedder(
+    weights: str = "imagenet", batch_size: int = 32, pooling: str = "avg"
+) -> Embedder:
+    """Build ResNet50 (no top; average or GeM pooling) with ImageNet or local weights."""
+    if pooling not in POOLINGS:
+        raise CbirError(f"unknown pooling {pooling!r}: use {' or '.join(POOLINGS)}")
+    model = _build_resnet50(str(weights), pooling)
     fingerprint = {
         "architecture": "keras.applications.ResNet50(include_top=False)",
-        "pooling": "avg",
+        "pooling": "avg" if pooling == "avg" else f"gem-p{GEM_P:g}",
         "weights_sha256": weights_digest(model),
         "preprocessing": PREPROCESSING + ",caffe-bgr-mean",
         "dimension": DIM,
         "normalization": "l2",
     }
     source = "imagenet" if str(weights) == "imagenet" else os.path.abspath(weights)
-    return Embedder(model=model, fingerprint=fingerprint, batch_size=batch_size, source=source)
+    return Embedder(model, fingerprint, batch_size, source, pooling)
 
 
 def fingerprint_json(fingerprint: dict[str, Any]) -> str:

@@ -110,6 +110,10 @@ def evaluate(
     """Evaluate the catalog against labelled queries; returns metrics and every ranking."""
     if method not in METHODS:
         raise CbirError(f"unknown method {method!r}: use {', '.join(METHODS)}")
+    if not 0.0 <= float(hybrid_weight) <= 1.0:
+        raise CbirError(f"hybrid weight must be between 0 and 1, got {hybrid_weight}")
+    if index_name and index_name != indexes.EXACT and method != "resnet50":
+        raise CbirError("--index evaluates the catalog's ResNet50 vectors: use --method resnet50")
     how = rerank_from(settings)
     db = jobs.open_collection(settings["catalog"], create=False, writer=False)
     ids = catalog.indexed_ids(db)
@@ -152,10 +156,6 @@ def evaluate(
     if how.methods:
         result["rerank_n"], result["rerank_alpha"] = how.n, how.alpha
     if index_name and index_name != indexes.EXACT:
-        if method != "resnet50":
-            raise CbirError(
-                "--index evaluates the catalog's ResNet50 vectors: use --method resnet50"
-            )
         approx, _ = indexes.load(db, settings["catalog"], settings["index_dir"], index_name)
         from pipeline.search import catalog_lookup
 

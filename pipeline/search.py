@@ -71,7 +71,11 @@ def ranked(
     k: int,
     how: Rerank = Rerank(),
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(ids, scores), each (q, <=k), best first, -1 padded; scores exact against stored vectors.
+    """(ids, scores), each (q, <=k), best first, -1 padded.
+
+    Scores are recomputed from the stored vectors: exact cosines of query and
+    image. With re-ranking they are the cosines between the expanded query and
+    the augmented image vectors, the similarity the ranking actually used.
 
     With re-ranking, the first pass takes `shortlist` candidates; DBA replaces
     each candidate by the weighted mean of its own nearest neighbours, and
