@@ -8,6 +8,7 @@ CBIR_* variables and the defaults, exactly as the CLI merges them.
 from __future__ import annotations
 
 import functools
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -132,7 +133,7 @@ def search(queries: list[str | int] | str | int, config: str | None = None, **op
     dim = catalog.dimension(db)
     if not dim:
         raise CbirError(f"catalog {s['catalog']} has no indexed images yet")
-    index_obj, _ = indexes.load(
+    index_obj, _, in_force = indexes.load(
         db,
         s["catalog"],
         s["index_dir"],
@@ -182,6 +183,7 @@ def search(queries: list[str | int] | str | int, config: str | None = None, **op
             np.stack([vecs[i] for i in good]),
             int(s["k"]),
             how=search_mod.rerank_from(s),
+            refine=int(in_force.get("refine", 1)),
         )
         for i, results in zip(good, found, strict=True):
             answers[i]["results"] = results
@@ -194,31 +196,53 @@ def build_index(
     name: str,
     factory: str | None = None,
     params: list[str] | dict[str, float] | None = None,
+    auto: bool = False,
+    max_memory: str | int = "2GB",
+    target_recall: float | None = None,
     config: str | None = None,
     **options: Any,
 ) -> dict[str, Any]:
-    """Build (or refresh, reusing its factory and parameters) a named index."""
+    """Build (or refresh, reusing its factory and parameters) a named index.
+
+    auto=True chooses the factory for the collection size and `max_memory`
+    and tunes nprobe / efSearch to `target_recall` (default 0.95). Every build
+    measures recall@10 against exact search and records it in the catalog.
+    """
+    from pipeline import autoindex
+
     s = settings_for(config, **options)
     with catalog.write_lock(s["catalog"]):
         db = jobs.open_collection(s["catalog"], create=False)
         previous = catalog.index_record(db, name)
-        if factory is None:
+        note = None
+        parsed = indexes.parse_params(params)
+        if auto:
+            if factory:
+                raise CbirError("give either --factory or --auto, not both")
+            choice = autoindex.choose(
+                len(catalog.indexed_ids(db)),
+                catalog.dimension(db),
+                autoindex.parse_size(max_memory),
+            )
+            factory, note = choice.factory, choice.reason
+            parsed = {**choice.params, **parsed}
+            target_recall = target_recall or 0.95
+        elif factory is None:
             if name == indexes.EXACT:
                 factory = indexes.EXACT_FACTORY
             elif previous is None:
                 raise CbirError(
-                    f"index {name!r} does not exist yet: give --factory, e.g. 'IVF256,Flat'"
+                    f"index {name!r} does not exist yet: give --factory (e.g. 'IVF256,Flat') or --auto"
                 )
             else:
-                factory = previous["factory"]
-        elif name == indexes.EXACT and factory != indexes.EXACT_FACTORY:
+                factory, note = previous["factory"], previous.get("note")
+        if name == indexes.EXACT and factory != indexes.EXACT_FACTORY:
             raise CbirError("the name 'exact' is reserved for the flat index; pick another name")
-        parsed = indexes.parse_params(params)
         if not parsed and previous and previous["factory"] == factory:
-            import json
-
             parsed = json.loads(previous["params"] or "{}")
-        return indexes.build_and_save(db, s["catalog"], s["index_dir"], name, factory, parsed)
+        return indexes.build_and_save(
+            db, s["catalog"], s["index_dir"], name, factory, parsed, target_recall, note
+        )
 
 
 def info(config: str | None = None, **options: Any) -> dict[str, Any]:

@@ -31,7 +31,9 @@ def bench_extract(
         files = files[:limit]
     if not files:
         raise CbirError(f"no images under {folder}")
-    embedder = api.cached_embedder(str(settings["weights"]), int(settings["batch_size"]))
+    embedder = api.cached_embedder(
+        str(settings["weights"]), int(settings["batch_size"]), str(settings["pooling"])
+    )
     pixels = []
     for path in files:
         try:

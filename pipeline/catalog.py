@@ -20,7 +20,7 @@ import sqlite_utils
 
 from pipeline.errors import CbirError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 
 def now() -> str:
@@ -79,8 +79,13 @@ def _migrate_0_to_1(db: sqlite_utils.Database) -> None:
     )
 
 
+def _migrate_1_to_2(db: sqlite_utils.Database) -> None:
+    # How an index was chosen (build-index --auto): the reasoning, for `cbir info`.
+    db["indexes"].add_column("note", str)
+
+
 # MIGRATIONS[i] takes a catalog from schema version i to i + 1.
-MIGRATIONS = [_migrate_0_to_1]
+MIGRATIONS = [_migrate_0_to_1, _migrate_1_to_2]
 assert len(MIGRATIONS) == SCHEMA_VERSION
 
 

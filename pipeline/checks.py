@@ -39,6 +39,7 @@ def collection_info(catalog_path: str | Path, index_dir: str | Path) -> dict[str
                 "file": str(path),
                 "stale": indexes.is_stale(db, rec) or not path.exists(),
                 "recall_at_10": rec["recall_at_10"],
+                "note": rec.get("note"),
                 "build_seconds": rec["build_seconds"],
                 "built_at": rec["built_at"],
             }

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import csv
 import os
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 import faiss
@@ -84,6 +84,8 @@ def descriptors(
     """Unit vectors for `paths` under `method`; `deep` given = already embedded."""
     need_pixels = method in ("color", "hybrid") or deep is None
     pixels, ok = _pixels(paths, max_pixels) if need_pixels else (None, list(range(len(paths))))
+    if method == "color":  # no model needed at all
+        return color.hsv_histograms(pixels), ok
     if deep is None:
         deep = embed(pixels) if len(ok) else np.zeros((0, 2048), np.float32)
     else:
@@ -91,8 +93,6 @@ def descriptors(
     if method == "resnet50":
         return deep, ok
     hist = color.hsv_histograms(pixels)
-    if method == "color":
-        return hist, ok
     # cos(hybrid) = w cos(deep) + (1 - w) cos(colour), by construction of the concatenation.
     w = float(hybrid_weight)
     return l2_normalize(np.hstack([np.sqrt(w) * deep, np.sqrt(1 - w) * hist])), ok
@@ -150,18 +150,25 @@ def evaluate(
         return db_desc[[row_of[int(i)] for i in wanted]]
 
     n = len(db_ids)
-    found, found_scores = ranked(flat, lookup, q_desc, n, replace(how, shortlist=n))
+    found, found_scores = ranked(flat, lookup, q_desc, n, how)
 
     result: dict[str, Any] = {"method": method, "rerank": "+".join(how.methods) or "none"}
     if how.methods:
         result["rerank_n"], result["rerank_alpha"] = how.n, how.alpha
     if index_name and index_name != indexes.EXACT:
-        approx, _ = indexes.load(db, settings["catalog"], settings["index_dir"], index_name)
+        approx, _, in_force = indexes.load(
+            db, settings["catalog"], settings["index_dir"], index_name
+        )
         from pipeline.search import catalog_lookup
 
         k_eval = min(n, 1000)
         approx_found, found_scores = ranked(
-            approx, catalog_lookup(db, settings["catalog"]), q_desc, k_eval, how
+            approx,
+            catalog_lookup(db, settings["catalog"]),
+            q_desc,
+            k_eval,
+            how,
+            refine=int(in_force.get("refine", 1)),
         )
         exact_top = [r[r >= 0][:11] for r in found]
         approx_top = [r[r >= 0][:11] for r in approx_found]

@@ -50,10 +50,19 @@ def parse_params(items: list[str] | tuple[str, ...] | dict[str, Any] | None) -> 
     return out
 
 
+# Parameters cbir applies itself rather than FAISS: `refine` = how many times k
+# candidates the index returns for exact re-scoring from the vector file.
+OWN_PARAMS = ("refine",)
+
+
 def apply_params(index: faiss.Index, params: dict[str, float]) -> None:
     """Set search-time parameters (nprobe, efSearch, ...) through FAISS' ParameterSpace."""
     space = faiss.ParameterSpace()
     for key, value in params.items():
+        if key in OWN_PARAMS:
+            if value < 1:
+                raise CbirError(f"{key} must be at least 1")
+            continue
         try:
             space.set_index_parameter(index, key, value)
         except RuntimeError:
@@ -71,6 +80,26 @@ def make_index(factory: str, dim: int) -> faiss.Index:
     return faiss.IndexIDMap2(inner)
 
 
+def fill(index: faiss.Index, rows: np.ndarray, ids: np.ndarray, factory: str = "") -> None:
+    """Train `index` on (a sample of) rows[ids] if it needs it, then add them in chunks.
+
+    `rows` may be a memory map of any size: at most 200,000 rows are trained on
+    and 65,536 are in memory at a time.
+    """
+    if not index.is_trained:
+        sample = ids
+        if len(ids) > 200_000:
+            sample = np.sort(np.random.default_rng(0).choice(ids, 200_000, replace=False))
+        try:
+            index.train(np.asarray(rows[sample], dtype=np.float32))
+        except RuntimeError as e:
+            last = str(e).strip().splitlines()[-1]
+            raise CbirError(f"cannot train {factory!r} on {len(ids)} vectors: {last}") from None
+    for start in range(0, len(ids), 65536):
+        chunk = ids[start : start + 65536]
+        index.add_with_ids(np.asarray(rows[chunk], dtype=np.float32), chunk)
+
+
 def build(
     db, catalog_path: str | Path, factory: str, params: dict[str, float] | None = None
 ) -> faiss.Index:
@@ -81,20 +110,7 @@ def build(
         raise CbirError("the catalog has no indexed images yet: run 'cbir index FOLDER' first")
     rows = vectors.open_rows(vectors.vectors_path(catalog_path), dim, catalog.next_id(db))
     index = make_index(factory, dim)
-    if not index.is_trained:
-        sample_ids = (
-            ids
-            if len(ids) <= 200_000
-            else np.sort(np.random.default_rng(0).choice(ids, 200_000, replace=False))
-        )
-        try:
-            index.train(np.asarray(rows[sample_ids], dtype=np.float32))
-        except RuntimeError as e:
-            last = str(e).strip().splitlines()[-1]
-            raise CbirError(f"cannot train {factory!r} on {len(ids)} vectors: {last}") from None
-    for start in range(0, len(ids), 65536):
-        chunk = ids[start : start + 65536]
-        index.add_with_ids(np.asarray(rows[chunk], dtype=np.float32), chunk)
+    fill(index, rows, ids, factory)
     if params:
         apply_params(index, params)
     return index
@@ -118,13 +134,28 @@ def build_and_save(
     name: str,
     factory: str,
     params: dict[str, float] | None = None,
+    target_recall: float | None = None,
+    note: str | None = None,
 ) -> dict[str, Any]:
-    """Build, persist and record an index; returns its catalog record."""
+    """Build, persist and record an index with its measured recall@10; returns the record.
+
+    With `target_recall`, search parameters (nprobe, efSearch) are raised
+    until the measured recall@10 reaches it.
+    """
+    from pipeline import autoindex
+
     path = index_path(index_dir, name)
     gen = catalog.generation(db)
     started = time.perf_counter()
     index = build(db, catalog_path, factory, params)
     seconds = time.perf_counter() - started
+    params = dict(params or {})
+    recall = 1.0
+    if factory != EXACT_FACTORY:
+        probe = autoindex.recall_probe(db, catalog_path)
+        if target_recall:
+            params = autoindex.tune(index, probe, target_recall, params)
+        recall = autoindex.measure_recall(index, probe, params)
     size = write_atomic(index, path)
     record = {
         "name": name,
@@ -135,7 +166,8 @@ def build_and_save(
         "bytes": size,
         "build_seconds": round(seconds, 3),
         "built_at": catalog.now(),
-        "recall_at_10": None,
+        "recall_at_10": round(recall, 4),
+        "note": note,
     }
     catalog.save_index_record(db, record)
     return record
@@ -152,11 +184,14 @@ def load(
     name: str,
     params: dict[str, float] | None = None,
     allow_stale: bool = False,
-) -> tuple[faiss.Index, dict[str, Any]]:
-    """Load an index for searching, with its stored and then the given search parameters.
+    mmap: bool | None = None,
+) -> tuple[faiss.Index, dict[str, Any], dict[str, float]]:
+    """Load an index for searching; returns (index, record, search parameters in force).
 
     The exact index is rebuilt in memory when missing or stale (it is a plain
-    copy of the vectors); an approximate one that is stale is refused.
+    copy of the vectors); an approximate one that is stale is refused. Files
+    over MMAP_BYTES (or with mmap=True) are memory-mapped where the index
+    type allows, so a large index costs page cache, not private memory.
     """
     record = catalog.index_record(db, name)
     path = index_path(index_dir, name)
@@ -182,11 +217,27 @@ def load(
             )
         if not path.exists():
             raise CbirError(f"index file {path} is missing; run 'cbir build-index {name}'", 1)
-        index = faiss.read_index(str(path))
-        apply_params(index, json.loads(record["params"] or "{}"))
-    if params:
-        apply_params(index, params)
-    return index, record
+        index = read(path, mmap)
+    in_force = {**json.loads(record["params"] or "{}"), **(params or {})}
+    apply_params(index, in_force)
+    return index, record, in_force
+
+
+MMAP_BYTES = 1 << 30
+
+
+def read(path: Path, mmap: bool | None = None) -> faiss.Index:
+    """Read an index file, memory-mapped when large (or asked) and the type allows it."""
+    if mmap is None:
+        mmap = path.stat().st_size >= MMAP_BYTES
+    if mmap:
+        try:
+            # IO_FLAG_MMAP maps inverted lists (IVF); IO_FLAG_MMAP_IFC flat codes (Flat, PQ).
+            flags = faiss.IO_FLAG_MMAP | faiss.IO_FLAG_MMAP_IFC | faiss.IO_FLAG_READ_ONLY
+            return faiss.read_index(str(path), flags)
+        except RuntimeError:
+            pass  # this index type cannot be mapped: read it into memory
+    return faiss.read_index(str(path))
 
 
 def stored_ids(index: faiss.Index) -> np.ndarray:

@@ -31,7 +31,7 @@ def precision_at(relevant: Sequence[bool], k: int) -> float:
 
 def recall_at(found: Sequence[Sequence[int]], truth: Sequence[Sequence[int]], k: int) -> float:
     """Mean overlap |found[:k] & truth[:k]| / k: how much of the exact top k an index returns."""
-    if not truth:
+    if len(truth) == 0:
         return 0.0
     scores = []
     for f, t in zip(found, truth, strict=True):

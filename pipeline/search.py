@@ -70,6 +70,7 @@ def ranked(
     queries: np.ndarray,
     k: int,
     how: Rerank = Rerank(),
+    refine: int = 1,
 ) -> tuple[np.ndarray, np.ndarray]:
     """(ids, scores), each (q, <=k), best first, -1 padded.
 
@@ -84,7 +85,9 @@ def ranked(
     """
     queries = np.ascontiguousarray(queries, dtype=np.float32)
     ntotal = int(index.ntotal)
-    first_k = min(max(k, how.shortlist if how.methods else k), ntotal)
+    # refine > 1: compressed indexes (PQ) return refine * k candidates, which the
+    # exact re-scoring below puts in their true order.
+    first_k = min(max(k * max(1, refine), how.shortlist if how.methods else 0), ntotal)
     if first_k == 0:
         return np.full((len(queries), 0), -1), np.zeros((len(queries), 0), np.float32)
     _, cand = index.search(queries, first_k)
@@ -101,15 +104,26 @@ def ranked(
     scores_out = np.zeros(ids_out.shape, dtype=np.float32)
     for qi, (q, row) in enumerate(zip(queries, cand, strict=True)):
         row = row[row >= 0]
+        if how.methods:
+            # Only the shortlist is re-ranked; anything after it keeps the first-pass
+            # order, so evaluating a full ranking measures exactly what search returns.
+            row, tail = row[: how.shortlist], row[how.shortlist :]
+        else:
+            tail = row[:0]
         cv = vecs[np.searchsorted(found, row)]
         s = cv @ q
         if "aqe" in how.methods and len(row):
             best = np.argsort(-s, kind="stable")[: how.n]
             q = rerank.alpha_qe(q[None, :], cv[best][None], s[best][None], how.alpha)[0]
             s = cv @ q
-        order = np.lexsort((row, -s))[: ids_out.shape[1]]  # score desc, then id asc on ties
-        ids_out[qi, : len(order)] = row[order]
-        scores_out[qi, : len(order)] = s[order]
+        order = np.lexsort((row, -s))  # score desc, then id asc on ties
+        row, s = row[order], s[order]
+        if len(tail):
+            row = np.concatenate([row, tail])
+            s = np.concatenate([s, vecs[np.searchsorted(found, tail)] @ q])
+        n_out = min(ids_out.shape[1], len(row))
+        ids_out[qi, :n_out] = row[:n_out]
+        scores_out[qi, :n_out] = s[:n_out]
     return ids_out, scores_out
 
 
@@ -127,12 +141,13 @@ def search_vectors(
     queries: np.ndarray,
     k: int = 10,
     how: Rerank = Rerank(),
+    refine: int = 1,
 ) -> list[list[dict[str, Any]]]:
     """Top-k results for each query vector, as lists of result dicts.
 
     Each result: rank (from 1), id, path, label, score (cosine similarity).
     """
-    ids, scores = ranked(index, catalog_lookup(db, catalog_path), queries, k, how)
+    ids, scores = ranked(index, catalog_lookup(db, catalog_path), queries, k, how, refine)
     rows = catalog.lookup(db, np.unique(ids[ids >= 0]))
     results = []
     for id_row, score_row in zip(ids, scores, strict=True):

@@ -131,8 +131,8 @@ def train(
     if len(val_pos) == 0:
         raise CbirError("too few images per label for a validation split")
 
+    import_keras().utils.set_random_seed(seed)  # before the head's weights are drawn
     keras, base, lower, upper, head = _build(weights, len(labels))
-    keras.utils.set_random_seed(seed)
     log(f"caching conv4 activations of {len(rows)} images ...")
     batch = int(settings["batch_size"])
     acts = np.concatenate(

@@ -1,0 +1,165 @@
+"""Choosing an index for a collection, and measuring and tuning its recall.
+
+`choose` is a pure function, after autofaiss: (vector count, dimension, memory
+budget) -> a FAISS factory string and search parameters. `tune` then raises
+nprobe or efSearch until recall@10, measured against exact search on queries
+sampled from the collection itself, reaches the target.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import faiss
+import numpy as np
+
+from pipeline import catalog, vectors
+from pipeline.errors import CbirError
+from pipeline.metrics import recall_at
+
+_UNITS = {"": 1, "B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def parse_size(text: str | int) -> int:
+    """'2GB', '512M', '1.5g', 1000 -> bytes (binary units)."""
+    if isinstance(text, int):
+        return text
+    m = re.fullmatch(r"\s*([0-9.]+)\s*([kmgtKMGT]?)(i?[bB])?\s*", str(text))
+    if not m:
+        raise CbirError(f"cannot read memory size {text!r}: use e.g. 2GB or 512MB")
+    return int(float(m.group(1)) * _UNITS[m.group(2).upper()])
+
+
+@dataclass(frozen=True)
+class Choice:
+    factory: str
+    params: dict[str, float]
+    bytes_estimate: int
+    reason: str
+
+
+def _nlist(n: int) -> int:
+    """About 4 sqrt(n) lists, a power of two, with at least 39 training points each."""
+    want = 2 ** round(math.log2(max(16, 4 * math.sqrt(n))))
+    return int(max(1, min(want, 65536, 2 ** int(math.log2(max(1, n // 39))))))
+
+
+def choose(n: int, dim: int, max_memory: int) -> Choice:
+    """The index to build for n vectors of `dim` floats within `max_memory` bytes.
+
+    - Up to 20,000 vectors, exact search is fast enough: Flat.
+    - Up to 100,000, HNSW32 when the vectors fit (fast single queries, high recall).
+    - Beyond, IVF-Flat when the vectors fit (builds much faster than HNSW on few cores).
+    - Otherwise IVF-PQ: compressed codes, with refine=10, i.e. 10 x k candidates
+      re-scored exactly from the memory-mapped vector file, which is not counted
+      in the index's memory.
+    """
+    raw = n * dim * 4
+    if n <= 20_000 and raw * 1.1 <= max_memory:
+        return Choice("Flat", {}, raw, f"{n} vectors: exact search is fast enough")
+    if n <= 100_000 and raw * 1.2 + n * 32 * 2 * 8 <= max_memory:
+        return Choice(
+            "HNSW32", {"efSearch": 64}, int(raw * 1.1 + n * 32 * 2 * 8), "fits in memory; HNSW"
+        )
+    nlist = _nlist(n)
+    centroids = nlist * dim * 4
+    if raw * 1.1 + centroids + n * 8 <= max_memory:
+        return Choice(
+            f"IVF{nlist},Flat", {"nprobe": 16}, raw + centroids + n * 8, "fits in memory; IVF-Flat"
+        )
+    for m in (512, 256, 128, 64, 32, 16, 8):
+        if dim % m:
+            continue
+        est = n * (m + 8) + centroids + 256 * dim * 4
+        if est * 1.2 <= max_memory:
+            return Choice(
+                f"IVF{nlist},PQ{m}",
+                {"nprobe": 16, "refine": 10},
+                est,
+                f"{raw / 2**30:.1f} GiB of vectors exceed the budget; IVF-PQ with {m}-byte codes "
+                "and exact re-scoring of 10 x k candidates",
+            )
+    raise CbirError(
+        f"no index for {n} vectors fits in {max_memory / 2**20:.0f} MiB; raise --max-memory"
+    )
+
+
+@dataclass
+class RecallProbe:
+    """Queries sampled from the collection and their exact top k."""
+
+    queries: np.ndarray
+    truth: np.ndarray  # (q, k) ids
+    lookup: Any  # ids -> stored vectors, for exact re-scoring as search does it
+    k: int = 10
+
+
+def exact_top_k(rows: np.ndarray, ids: np.ndarray, queries: np.ndarray, k: int) -> np.ndarray:
+    """Exact top-k ids by inner product, scanning `rows[ids]` in chunks (numpy matmul)."""
+    best_s = np.full((len(queries), 0), -np.inf, dtype=np.float32)
+    best_i = np.zeros((len(queries), 0), dtype=np.int64)
+    for start in range(0, len(ids), 65536):
+        chunk = ids[start : start + 65536]
+        s = queries @ np.asarray(rows[chunk], dtype=np.float32).T
+        kk = min(k, s.shape[1])
+        part = np.argpartition(-s, kk - 1, axis=1)[:, :kk]
+        best_s = np.hstack([best_s, np.take_along_axis(s, part, axis=1)])
+        best_i = np.hstack([best_i, chunk[part]])
+        keep = np.argsort(-best_s, axis=1, kind="stable")[:, :k]
+        best_s = np.take_along_axis(best_s, keep, axis=1)
+        best_i = np.take_along_axis(best_i, keep, axis=1)
+    return best_i
+
+
+def make_probe(rows, ids: np.ndarray, n_queries: int = 200, k: int = 10, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    picked = np.sort(rng.choice(ids, min(n_queries, len(ids)), replace=False))
+    queries = np.asarray(rows[picked], dtype=np.float32)
+    truth = exact_top_k(rows, ids, queries, k)
+    return RecallProbe(
+        queries, truth, lambda i: np.asarray(rows[np.asarray(i, dtype=np.int64)], np.float32), k
+    )
+
+
+def recall_probe(db, catalog_path) -> RecallProbe:
+    """A recall probe over the catalog's indexed vectors."""
+    dim = catalog.dimension(db)
+    rows = vectors.open_rows(vectors.vectors_path(catalog_path), dim, catalog.next_id(db))
+    return make_probe(rows, catalog.indexed_ids(db))
+
+
+def measure_recall(index: faiss.Index, probe: RecallProbe, params: dict[str, float]) -> float:
+    """recall@k of `index` with `params`, searched the way `cbir search` does."""
+    from pipeline.indexes import apply_params
+    from pipeline.search import ranked
+
+    apply_params(index, params)
+    found, _ = ranked(
+        index, probe.lookup, probe.queries, probe.k, refine=int(params.get("refine", 1))
+    )
+    return recall_at(found, probe.truth, probe.k)
+
+
+def tune(
+    index: faiss.Index, probe: RecallProbe, target: float, params: dict[str, float]
+) -> dict[str, float]:
+    """Smallest nprobe / efSearch (doubling) that reaches `target` recall; else the largest tried."""
+    inner = faiss.downcast_index(faiss.downcast_index(index).index)
+    if isinstance(inner, faiss.IndexIVF):
+        key, values = (
+            "nprobe",
+            [v for v in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512) if v <= inner.nlist],
+        )
+    elif isinstance(inner, faiss.IndexHNSW):
+        key, values = "efSearch", [16, 32, 64, 128, 256, 512]
+    else:
+        return params
+    tried = dict(params)
+    for v in values:
+        tried = {**params, key: v}
+        if measure_recall(index, probe, tried) >= target:
+            return tried
+    return tried
