@@ -292,6 +292,7 @@ def train(
     epochs: int = 15,
     val_fraction: float = 0.2,
     seed: int = 0,
+    learning_rate: float = 1e-4,
     config: str | None = None,
     **options: Any,
 ) -> dict[str, Any]:
@@ -300,4 +301,6 @@ def train(
 
     s = settings_for(config, **options)
     s["weights"] = weights_for(s)
-    return run_training(s, out, epochs=epochs, val_fraction=val_fraction, seed=seed)
+    return run_training(
+        s, out, epochs=epochs, val_fraction=val_fraction, seed=seed, learning_rate=learning_rate
+    )

@@ -399,13 +399,23 @@ def evaluate_cmd(queries, leave_one_out, method, hybrid_weight, report_dir, as_j
     help="Share of each label held out for validation and early stopping.",
 )
 @click.option("--seed", type=int, default=0, show_default=True)
+@click.option(
+    "--learning-rate",
+    "learning_rate",
+    type=float,
+    default=1e-4,
+    show_default=True,
+    help="Adam learning rate for conv5 and the head.",
+)
 @common_options
-def train_cmd(out: str, epochs: int, val_fraction: float, seed: int, **options) -> None:
+def train_cmd(
+    out: str, epochs: int, val_fraction: float, seed: int, learning_rate: float, **options
+) -> None:
     """Fine-tune ResNet50 on the catalog's labelled images (80/20 train/validation split).
 
     Then index with the new weights into a new catalog: cbir index --weights OUT --catalog NEW.db
     """
-    record = api.train(out, epochs, val_fraction, seed, **options)
+    record = api.train(out, epochs, val_fraction, seed, learning_rate, **options)
     click.echo(
         f"trained on {len(record['train_ids'])} images, validated on {len(record['val_ids'])}: "
         f"best epoch {record['best_epoch']}/{record['epochs_run']}, "
@@ -442,3 +452,53 @@ def bench_extract_cmd(folder: str, limit: int | None, repeats: int, **options) -
 
 if __name__ == "__main__":
     main()
+
+
+@bench_group.command("scale")
+@click.option(
+    "--sizes",
+    default="1e3,1e4,1e5",
+    show_default=True,
+    help="Collection sizes, comma-separated (1e6 needs ~25 GB of disk and ~10 min).",
+)
+@click.option(
+    "--indexes",
+    "kinds",
+    default="flat,hnsw,ivf,ivfpq",
+    show_default=True,
+    help="Index kinds: flat, hnsw, ivf, ivfpq (HNSW is skipped above 100,000).",
+)
+@click.option("--queries", "n_queries", type=int, default=100, show_default=True)
+@click.option(
+    "--out",
+    "out_dir",
+    default="bench-out",
+    show_default=True,
+    type=click.Path(file_okay=False),
+    help="Where scale.csv and the plots go.",
+)
+@common_options
+def bench_scale_cmd(sizes: str, kinds: str, n_queries: int, out_dir: str, **options) -> None:
+    """Build time, bytes/vector, single and batch QPS, recall@10 per index and size.
+
+    Vectors are generated from the catalog's real features (see pipeline/synth.py).
+    """
+    from pipeline import catalog as catalog_mod
+    from pipeline import vectors as vectors_mod
+    from pipeline.bench import bench_scale
+
+    settings = api.settings_for(**options)
+    db = catalog_mod.open_catalog(settings["catalog"], create=False)
+    ids = catalog_mod.indexed_ids(db)
+    if len(ids) < 50:
+        raise CbirError("bench scale needs a catalog with at least 50 indexed images to imitate")
+    real = vectors_mod.read(
+        vectors_mod.vectors_path(settings["catalog"]),
+        catalog_mod.dimension(db),
+        catalog_mod.next_id(db),
+        ids,
+    )
+    size_list = [int(float(x)) for x in sizes.split(",") if x.strip()]
+    kind_list = [x.strip() for x in kinds.split(",") if x.strip()]
+    rows = bench_scale(real, size_list, kind_list, out_dir, n_queries=n_queries, log=click.echo)
+    click.echo(f"{len(rows)} rows -> {out_dir}/scale.csv, plots {out_dir}/recall-qps-SIZE.png")

@@ -101,7 +101,7 @@ def train(
     epochs: int = 15,
     val_fraction: float = 0.2,
     seed: int = 0,
-    learning_rate: float = 3e-4,
+    learning_rate: float = 1e-4,
     patience: int = 3,
     log: Callable[[str], Any] = print,
     decode: Callable[[str, int], Any] = decode_file,
@@ -195,6 +195,7 @@ def train(
         "seconds": round(time.perf_counter() - started, 1),
         "split_layer": SPLIT_LAYER,
         "seed": seed,
+        "learning_rate": learning_rate,
         "catalog_generation": catalog.generation(db),
     }
     Path(str(out) + ".json").write_text(json.dumps(record, indent=2))

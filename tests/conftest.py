@@ -74,3 +74,20 @@ def corel_collection(tmp_path_factory, weights, corel_db_rows):
     summary = pipeline.index([manifest], **options)
     assert summary.indexed == len(corel_db_rows)
     return {"manifest": manifest, "summary": summary, **options}
+
+
+def copy_collection(options: dict, dest: Path) -> dict:
+    """A private copy of an indexed collection (catalog, vector file, indexes) to modify."""
+    import shutil
+
+    from pipeline import vectors
+
+    dest.mkdir(parents=True, exist_ok=True)
+    for suffix in ("", "-wal", "-shm"):
+        src = Path(options["catalog"] + suffix)
+        if src.exists():
+            shutil.copy(src, dest / ("catalog.db" + suffix))
+    shutil.copy(vectors.vectors_path(options["catalog"]), dest / "catalog.vectors")
+    if Path(options["index_dir"]).exists():
+        shutil.copytree(options["index_dir"], dest / "index")
+    return {**options, "catalog": str(dest / "catalog.db"), "index_dir": str(dest / "index")}

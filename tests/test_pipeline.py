@@ -14,8 +14,8 @@ from click.testing import CliRunner
 from PIL import Image
 
 import pipeline
-from conftest import COREL, write_manifest
-from pipeline import catalog, vectors
+from conftest import COREL, copy_collection, write_manifest
+from pipeline import catalog
 from pipeline.cli import main
 from pipeline.errors import CbirError
 
@@ -126,14 +126,7 @@ def test_bad_query_exits_2_with_one_line(corel_collection, tmp_path):
 
 
 def test_ivf_with_full_probe_equals_exact(corel_collection, tmp_path):
-    c = dict(corel_collection)
-    # Work on a copy so the shared collection keeps its index list.
-    for suffix in ("", "-wal", "-shm"):
-        if os.path.exists(c["catalog"] + suffix):
-            shutil.copy(c["catalog"] + suffix, tmp_path / ("catalog.db" + suffix))
-    shutil.copy(vectors.vectors_path(c["catalog"]), tmp_path / "catalog.vectors")
-    shutil.copytree(c["index_dir"], tmp_path / "index")
-    c["catalog"], c["index_dir"] = str(tmp_path / "catalog.db"), str(tmp_path / "index")
+    c = copy_collection(corel_collection, tmp_path / "copy")
     rec = pipeline.build_index("ivf", "IVF8,Flat", ["nprobe=8"], **opts(c))
     assert rec["ntotal"] == 200
     ids = list(range(0, 200, 7))
