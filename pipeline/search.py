@@ -12,6 +12,7 @@ every index and is the same code that `cbir evaluate` measures.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -84,6 +85,25 @@ def ranked(
     shortlist is scored again.
     """
     queries = np.ascontiguousarray(queries, dtype=np.float32)
+    if len(queries) == 1:
+        # One query gains nothing from OpenMP threads and, on a busy machine,
+        # loses milliseconds to their start-up and spinning.
+        with single_thread():
+            return _ranked(index, lookup, queries, k, how, refine)
+    return _ranked(index, lookup, queries, k, how, refine)
+
+
+@contextmanager
+def single_thread():
+    before = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)
+    try:
+        yield
+    finally:
+        faiss.omp_set_num_threads(before)
+
+
+def _ranked(index, lookup, queries, k, how, refine):
     ntotal = int(index.ntotal)
     # refine > 1: compressed indexes (PQ) return refine * k candidates, which the
     # exact re-scoring below puts in their true order.

@@ -27,7 +27,12 @@ def main() -> None:
             row = [f"n={n} alpha={alpha:.0f}"]
             for method in ("aqe", "dba", "dba+aqe"):
                 m = api.evaluate(
-                    leave_one_out=True, rerank=method, rerank_n=n, rerank_alpha=alpha, **opts
+                    leave_one_out=True,
+                    rerank=method,
+                    rerank_n=n,
+                    rerank_alpha=alpha,
+                    shortlist=100_000,
+                    **opts,
                 )["map"]
                 row.append(f"{method} {m:.4f}")
             print("  ".join(row), flush=True)
