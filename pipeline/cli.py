@@ -502,3 +502,56 @@ def bench_scale_cmd(sizes: str, kinds: str, n_queries: int, out_dir: str, **opti
     kind_list = [x.strip() for x in kinds.split(",") if x.strip()]
     rows = bench_scale(real, size_list, kind_list, out_dir, n_queries=n_queries, log=click.echo)
     click.echo(f"{len(rows)} rows -> {out_dir}/scale.csv, plots {out_dir}/recall-qps-SIZE.png")
+
+
+@main.command("serve")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind.")
+@click.option("--port", type=int, default=8000, show_default=True)
+@click.option(
+    "--thumbs-dir",
+    "thumbs_dir",
+    default=None,
+    type=click.Path(file_okay=False),
+    help="Thumbnail cache [default: CATALOG with suffix .thumbs].",
+)
+@click.option(
+    "--max-upload-mb",
+    "max_upload_mb",
+    type=float,
+    default=20,
+    show_default=True,
+    help="Largest upload accepted, in MB.",
+)
+@click.option(
+    "--max-pixels",
+    "max_pixels",
+    type=int,
+    default=None,
+    help="Refuse uploads with more pixels (decompression bombs).",
+)
+@common_options
+def serve_cmd(host: str, port: int, thumbs_dir, max_upload_mb: float, **options) -> None:
+    """A demo web page and JSON API over the catalog (binds 127.0.0.1 by default)."""
+    from pipeline.serve import create_app
+
+    app = create_app(
+        api.settings_for(**options),
+        thumbs_dir=thumbs_dir,
+        max_upload=int(max_upload_mb * 1024 * 1024),
+    )
+    click.echo(f"cbir: serving on http://{host}:{port}/", err=True)
+    app.run(host=host, port=port, threaded=True, debug=False)
+
+
+@bench_group.command("serve")
+@click.argument("images", nargs=-1, required=True)
+@click.option("--uploads", type=int, default=30, show_default=True)
+@common_options
+def bench_serve_cmd(images, uploads: int, **options) -> None:
+    """Median ms from uploading an image to its JSON answer, through a real local server."""
+    import glob
+
+    from pipeline.serve import bench_upload
+
+    files = [f for p in images for f in (sorted(glob.glob(f"{p}/**/*.jpg", recursive=True)) or [p])]
+    click.echo(json.dumps(bench_upload(api.settings_for(**options), files, uploads)))
