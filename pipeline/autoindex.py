@@ -58,7 +58,7 @@ def choose(n: int, dim: int, max_memory: int) -> Choice:
     - Up to 20,000 vectors, exact search is fast enough: Flat.
     - Up to 100,000, HNSW32 when the vectors fit (fast single queries, high recall).
     - Beyond, IVF-Flat when the vectors fit (builds much faster than HNSW on few cores).
-    - Otherwise IVF-PQ: compressed codes, with refine=20, i.e. 20 x k candidates
+    - Otherwise IVF-PQ: compressed codes, with refine=40, i.e. 40 x k candidates
       re-scored exactly from the memory-mapped vector file, which is not counted
       in the index's memory.
     """
@@ -84,10 +84,10 @@ def choose(n: int, dim: int, max_memory: int) -> Choice:
         if est * 1.2 <= max_memory:
             return Choice(
                 f"IVF{nlist},PQ{m}x4fs",
-                {"nprobe": 16, "refine": 20},
+                {"nprobe": 16, "refine": 40},
                 est,
                 f"{raw / 2**30:.1f} GiB of vectors exceed the budget; IVF-PQ with {m // 2}-byte "
-                "codes and exact re-scoring of 20 x k candidates from the vector file",
+                "codes and exact re-scoring of 40 x k candidates from the vector file",
             )
     raise CbirError(
         f"no index for {n} vectors fits in {max_memory / 2**20:.0f} MiB; raise --max-memory"
