@@ -110,7 +110,11 @@ def exact_top_k(rows: np.ndarray, ids: np.ndarray, queries: np.ndarray, k: int) 
     best_i = np.zeros((len(queries), 0), dtype=np.int64)
     for start in range(0, len(ids), 65536):
         chunk = ids[start : start + 65536]
-        s = queries @ np.asarray(rows[chunk], dtype=np.float32).T
+        if chunk[-1] - chunk[0] == len(chunk) - 1:  # a run of ids: a view, no copy
+            block = rows[int(chunk[0]) : int(chunk[-1]) + 1]
+        else:
+            block = rows[chunk]
+        s = queries @ np.asarray(block, dtype=np.float32).T
         kk = min(k, s.shape[1])
         part = np.argpartition(-s, kk - 1, axis=1)[:, :kk]
         best_s = np.hstack([best_s, np.take_along_axis(s, part, axis=1)])

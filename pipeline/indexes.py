@@ -59,6 +59,8 @@ def apply_params(index: faiss.Index, params: dict[str, float]) -> None:
     """Set search-time parameters (nprobe, efSearch, ...) through FAISS' ParameterSpace."""
     space = faiss.ParameterSpace()
     for key, value in params.items():
+        if not isinstance(index, faiss.Index) and key not in OWN_PARAMS:
+            raise CbirError(f"exact search has no search parameter {key!r}")
         if key in OWN_PARAMS:
             if value < 1:
                 raise CbirError(f"{key} must be at least 1")
@@ -195,7 +197,17 @@ def load(
     """
     record = catalog.index_record(db, name)
     path = index_path(index_dir, name)
-    if name == EXACT and (is_stale(db, record) or not path.exists()):
+    dim, ids = catalog.dimension(db), catalog.indexed_ids(db)
+    if name == EXACT and len(ids) * dim * 4 >= EXACT_FROM_FILE_BYTES:
+        rows = vectors.open_rows(vectors.vectors_path(catalog_path), dim, catalog.next_id(db))
+        index = VectorFileExact(rows, ids)
+        record = {
+            "name": EXACT,
+            "factory": "vector file",
+            "params": "{}",
+            "generation": catalog.generation(db),
+        }
+    elif name == EXACT and (is_stale(db, record) or not path.exists()):
         index = build(db, catalog_path, EXACT_FACTORY)
         record = {
             "name": EXACT,
@@ -224,6 +236,28 @@ def load(
 
 
 MMAP_BYTES = 1 << 30
+# From this size on, exact search reads the vector file itself: a FAISS flat
+# index would be a second copy that, beside the first, no longer stays in the
+# page cache (measured at 1M x 2048: 2.6 QPS from the copy, 11.5 from the file).
+EXACT_FROM_FILE_BYTES = 2 << 30
+
+
+class VectorFileExact:
+    """Exact inner-product search straight over the memory-mapped vector file.
+
+    Offers the two members `search.ranked` uses (ntotal, search), so exact
+    search keeps the one interface without holding the vectors twice.
+    """
+
+    def __init__(self, rows: np.ndarray, ids: np.ndarray):
+        self.rows, self.ids, self.ntotal = rows, np.asarray(ids, dtype=np.int64), len(ids)
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        from pipeline.autoindex import exact_top_k
+
+        found = exact_top_k(self.rows, self.ids, np.asarray(queries, dtype=np.float32), k)
+        # Scores are recomputed from the stored vectors by the caller.
+        return np.zeros(found.shape, dtype=np.float32), found
 
 
 def read(path: Path, mmap: bool | None = None) -> faiss.Index:

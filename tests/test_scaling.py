@@ -131,3 +131,27 @@ def test_build_index_reports_recall_and_auto_records_its_choice(tmp_path, corel_
     assert rec["recall_at_10"] >= 0.99
     shown = {i["name"]: i for i in pipeline.info(**o)["indexes"]}
     assert shown["auto"]["note"] and shown["ivf-tuned"]["recall_at_10"] >= 0.99
+
+
+@pytest.mark.slow
+def test_exact_search_from_the_vector_file_equals_the_flat_index(
+    tmp_path, corel_collection, monkeypatch
+):
+    c = copy_collection(corel_collection, tmp_path / "copy")
+    o = {"catalog": c["catalog"], "index_dir": c["index_dir"]}
+    ids = list(range(0, 200, 9))
+    flat = pipeline.search(ids, **o)
+    monkeypatch.setattr(indexes, "EXACT_FROM_FILE_BYTES", 1)  # as for a large collection
+    index, record, _ = indexes.load(*_load_args(o))
+    assert isinstance(index, indexes.VectorFileExact) and record["factory"] == "vector file"
+    from_file = pipeline.search(ids, **o)
+    assert from_file == flat
+    with pytest.raises(CbirError, match="no search parameter"):
+        pipeline.search(ids, params=["nprobe=4"], **o)
+
+
+def _load_args(o):
+    from pipeline import catalog
+
+    db = catalog.open_catalog(o["catalog"])
+    return db, o["catalog"], o["index_dir"], "exact"
