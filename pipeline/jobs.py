@@ -198,6 +198,8 @@ def _index_into(db, roots, catalog_path, load_model, settings, summary, run_id, 
     check_fingerprint(db, embedder)
     dim = embedder.fingerprint["dimension"]
     vec_path = vectors.vectors_path(catalog_path)
+    # open_collection could not recover a catalog that had no dimension yet: a
+    # vector file left beside a deleted catalog would otherwise be appended to.
     vectors.recover(vec_path, dim, catalog.next_id(db))
     batch_size = embedder.batch_size
     seen_sha: dict[str, int] = {}  # sha -> id indexed earlier in this run
