@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline import catalog, indexes, jobs, rerank, vectors
+from pipeline import catalog, collection, indexes, jobs, rerank, vectors
 from pipeline import search as search_mod
 from pipeline.config import DEFAULTS, load_settings
 from pipeline.decode import DecodeError, decode_file
@@ -42,7 +42,7 @@ def weights_for(s: dict[str, Any]) -> str:
     weights = str(s["weights"])
     if weights != DEFAULTS["weights"] or not os.path.exists(s["catalog"]):
         return weights
-    recorded = catalog.get_meta(catalog.open_catalog(s["catalog"]), "weights_source")
+    recorded = catalog.get_meta(catalog.open_reader(s["catalog"]), "weights_source")
     return recorded if recorded and os.path.isfile(recorded) else weights
 
 
@@ -51,7 +51,7 @@ def pooling_for(s: dict[str, Any]) -> str:
     pooling = str(s["pooling"])
     if pooling != DEFAULTS["pooling"] or not os.path.exists(s["catalog"]):
         return pooling
-    stored = catalog.fingerprint(catalog.open_catalog(s["catalog"])) or {}
+    stored = catalog.fingerprint(catalog.open_reader(s["catalog"])) or {}
     return "gem" if str(stored.get("pooling", "")).startswith("gem") else pooling
 
 
@@ -129,7 +129,7 @@ def search(queries: list[str | int] | str | int, config: str | None = None, **op
     s = settings_for(config, **options)
     if isinstance(queries, str | int | Path):
         queries = [queries]
-    db = jobs.open_collection(s["catalog"], create=False, writer=False)
+    db = collection.open_reader(s["catalog"])
     dim = catalog.dimension(db)
     if not dim:
         raise CbirError(f"catalog {s['catalog']} has no indexed images yet")
@@ -212,7 +212,7 @@ def build_index(
 
     s = settings_for(config, **options)
     with catalog.write_lock(s["catalog"]):
-        db = jobs.open_collection(s["catalog"], create=False)
+        db = collection.open_writer(s["catalog"], create=False)
         previous = catalog.index_record(db, name)
         note = None
         parsed = indexes.parse_params(params)
@@ -253,12 +253,33 @@ def info(config: str | None = None, **options: Any) -> dict[str, Any]:
     return collection_info(s["catalog"], s["index_dir"])
 
 
-def verify(config: str | None = None, **options: Any) -> dict[str, Any]:
-    """Check catalog, vector file and indexes against each other."""
+def verify(config: str | None = None, repair: bool = False, **options: Any) -> dict[str, Any]:
+    """Check catalog, vector file and indexes against each other.
+
+    repair=True first takes the write lock and repairs what can be repaired
+    (migrates an old schema, drops rows left by a torn commit or whose vectors
+    are gone or fail their checksum, cuts uncommitted vector bytes); the
+    report's "repaired" lists what was done.
+    """
     from pipeline.checks import verify_collection
 
     s = settings_for(config, **options)
-    return verify_collection(s["catalog"], s["index_dir"])
+    done: list[str] = []
+    if repair:
+        with catalog.write_lock(s["catalog"]):
+            db = catalog.open_writer(s["catalog"], create=False)
+            done = collection.repair(db, s["catalog"])
+            bad = collection.damaged_ids(db, s["catalog"])
+            if bad:
+                catalog.delete_rows(db, bad)
+                done.append(
+                    f"dropped {len(bad)} images whose vectors fail their checksum (ids {bad[:5]}); "
+                    "the next 'cbir index' embeds them again"
+                )
+            db.conn.close()
+    report = verify_collection(s["catalog"], s["index_dir"])
+    report["repaired"] = done
+    return report
 
 
 def evaluate(
@@ -280,7 +301,7 @@ def evaluate(
     s = settings_for(config, **options)
 
     def embed(pixels: np.ndarray) -> np.ndarray:
-        db = catalog.open_catalog(s["catalog"], create=False)
+        db = catalog.open_reader(s["catalog"])
         return _query_embedder(db, s).embed(pixels)
 
     index_name = s["index"] if s["index"] != indexes.EXACT else None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sqlite3
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +15,7 @@ from pipeline import catalog, indexes, vectors
 
 def collection_info(catalog_path: str | Path, index_dir: str | Path) -> dict[str, Any]:
     """What the catalog holds: counts by status and label, fingerprint, indexes, last run."""
-    db = catalog.open_catalog(catalog_path, create=False)
+    db = catalog.open_reader(catalog_path)
     status = {
         r["status"]: r["n"]
         for r in db.query("select status, count(*) n from images group by status")
@@ -28,7 +29,7 @@ def collection_info(catalog_path: str | Path, index_dir: str | Path) -> dict[str
     vec_path = vectors.vectors_path(catalog_path)
     idx = []
     for rec in catalog.index_records(db):
-        path = indexes.index_path(index_dir, rec["name"])
+        path = indexes.index_path(index_dir, rec["name"], rec)
         idx.append(
             {
                 "name": rec["name"],
@@ -72,18 +73,51 @@ def collection_info(catalog_path: str | Path, index_dir: str | Path) -> dict[str
 
 def verify_collection(catalog_path: str | Path, index_dir: str | Path) -> dict[str, Any]:
     """Cross-check catalog, vector file and indexes; `problems` empty means consistent."""
+    db = catalog.open_reader(catalog_path)
+    try:
+        quick = [r[0] for r in db.conn.execute("pragma quick_check")]
+    except sqlite3.DatabaseError as e:
+        quick = [str(e)]
+    if quick != ["ok"]:
+        return {
+            "ok": False,
+            "problems": [f"SQLite quick_check failed: {'; '.join(quick[:5])}"],
+            "notes": ["the catalog file itself is damaged: restore it from a backup"],
+            "checked": {"images": 0, "vectors": 0, "indexes": 0},
+        }
+    try:
+        return _verify(db, catalog_path, index_dir)
+    except sqlite3.DatabaseError as e:
+        return {
+            "ok": False,
+            "problems": [f"SQLite error while reading the catalog: {e}"],
+            "notes": [],
+            "checked": {"images": 0, "vectors": 0, "indexes": 0},
+        }
+
+
+REPAIR_HINT = (
+    "'cbir verify --repair' (or the next 'cbir index') drops them so they are indexed again"
+)
+
+
+def _verify(db, catalog_path: str | Path, index_dir: str | Path) -> dict[str, Any]:
     problems: list[str] = []
     notes: list[str] = []
-    db = catalog.open_catalog(catalog_path, create=False)
     dim, committed = catalog.dimension(db), catalog.next_id(db)
     vec_path = vectors.vectors_path(catalog_path)
     ids = catalog.indexed_ids(db)
     checked = {"images": 0, "vectors": 0, "indexes": 0}
     vectors_complete = False
 
-    max_id = next(iter(db.query("select max(id) m from images")))["m"]
-    if max_id is not None and max_id >= committed:
-        problems.append(f"image id {max_id} is beyond next_id {committed}")
+    torn = next(
+        iter(db.query("select count(*) n, max(id) m from images where id >= ?", [committed]))
+    )
+    if torn["n"]:
+        problems.append(
+            f"{torn['n']} catalog rows (up to id {torn['m']}) are at or beyond next_id {committed}: "
+            f"a torn commit; {REPAIR_HINT}"
+        )
     for r in db.query("select path, count(*) n from images group by path having n > 1"):
         problems.append(f"path catalogued {r['n']} times: {r['path']}")
     bad_failed = next(
@@ -106,7 +140,8 @@ def verify_collection(catalog_path: str | Path, index_dir: str | Path) -> dict[s
         rows_on_disk = vectors.row_count(vec_path, dim)
         if rows_on_disk < committed:
             problems.append(
-                f"vector file has {rows_on_disk} rows, the catalog committed {committed}"
+                f"vector file has {rows_on_disk} rows, the catalog committed {committed}; "
+                f"images whose vectors are gone: {REPAIR_HINT}"
             )
         else:
             vectors_complete = True
@@ -125,20 +160,40 @@ def verify_collection(catalog_path: str | Path, index_dir: str | Path) -> dict[s
                     problems.append(
                         f"{int(bad.sum())} indexed vectors are not unit length (id {first})"
                     )
+            crcs = catalog.vector_crcs(db)
+            bad = vectors.damaged(stored, ids, crcs)
+            if bad:
+                problems.append(
+                    f"{len(bad)} vectors fail their checksum (ids {bad[:5]}): the vector file "
+                    f"is damaged; {REPAIR_HINT}"
+                )
+            unknown = sum(c is None for c in crcs.values())
+            if unknown:
+                notes.append(f"{unknown} vectors have no checksum yet (recorded at the next write)")
             checked["vectors"] = len(ids)
     elif len(ids):
         problems.append("images are indexed but the catalog records no vector dimension")
 
     for rec in catalog.index_records(db):
-        path = indexes.index_path(index_dir, rec["name"])
+        path = indexes.index_path(index_dir, rec["name"], rec)
         if not path.exists():
             if rec["name"] == indexes.EXACT:  # derived and cheap: search rebuilds it
                 notes.append(f"exact index file {path} is missing; it is rebuilt when needed")
             else:
                 problems.append(f"index {rec['name']}: file {path} is missing")
             continue
+        if not indexes.matches_file(rec, path):
+            message = (
+                f"index {rec['name']}: the file does not match its record "
+                f"(an interrupted build?); run 'cbir build-index {rec['name']}'"
+            )
+            if rec["name"] == indexes.EXACT:
+                notes.append(message + " (search rebuilds it meanwhile)")
+            else:
+                problems.append(message)
+            continue
         try:
-            index = faiss.read_index(str(path))
+            index = indexes.read(path)
         except RuntimeError as e:
             problems.append(f"index {rec['name']}: unreadable ({str(e).strip().splitlines()[-1]})")
             continue
@@ -166,7 +221,7 @@ def verify_collection(catalog_path: str | Path, index_dir: str | Path) -> dict[s
             want = np.asarray(vectors.open_rows(vec_path, dim, committed)[sample])
             if not np.allclose(got, want, atol=1e-6):
                 problems.append(f"index {rec['name']}: vectors differ from the vector file")
-    known = {f"{r['name']}.faiss" for r in catalog.index_records(db)}
+    known = {indexes.index_path(index_dir, r["name"], r).name for r in catalog.index_records(db)}
     if Path(index_dir).is_dir():
         for f in sorted(Path(index_dir).glob("*.faiss")):
             if f.name not in known:

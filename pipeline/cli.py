@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import sys
 from typing import Any
 
 import click
 
-from pipeline import api
+from pipeline import api, errors
 from pipeline.config import DEFAULTS
 from pipeline.errors import CbirError
 
@@ -44,14 +45,8 @@ def common_options(f):
     )
     @functools.wraps(f)
     def wrapper(*args, **kwargs):
-        try:
+        with errors.one_line(kwargs.get("catalog")):
             return f(*args, **kwargs)
-        except CbirError as e:
-            click.echo(f"cbir: error: {e}", err=True)
-            sys.exit(e.exit_code)
-        except KeyboardInterrupt:
-            click.echo("cbir: interrupted; rerun the same command to finish", err=True)
-            sys.exit(130)
 
     return wrapper
 
@@ -82,8 +77,21 @@ def search_param_options(f):
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="cbir")
-def main() -> None:
+@click.option(
+    "--debug",
+    is_flag=True,
+    envvar="CBIR_DEBUG",
+    help="Print the full traceback of an unexpected error [env CBIR_DEBUG].",
+)
+def main(debug: bool) -> None:
     """Content-based image retrieval: index a folder once, then search it by example."""
+    errors.DEBUG = debug
+    # Notices (repairs, skipped work) go to stderr as one line each.
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("cbir: %(levelname)s: %(message)s"))
+    logger = logging.getLogger("cbir")
+    logger.handlers[:] = [handler]
+    logger.propagate = False
 
 
 @main.command("index")
@@ -303,13 +311,21 @@ def info_cmd(as_json: bool, **options) -> None:
 
 @main.command("verify")
 @click.option("--json", "as_json", is_flag=True)
+@click.option(
+    "--repair",
+    is_flag=True,
+    help="First repair what can be: upgrade the schema, drop rows of a torn commit or "
+    "with damaged vectors (their files are indexed again), cut uncommitted bytes.",
+)
 @common_options
-def verify_cmd(as_json: bool, **options) -> None:
+def verify_cmd(as_json: bool, repair: bool, **options) -> None:
     """Check catalog, vectors and indexes against each other; exit 1 on any mismatch."""
-    report = api.verify(**options)
+    report = api.verify(repair=repair, **options)
     if as_json:
         click.echo(json.dumps(report, indent=2))
     else:
+        for line in report["repaired"]:
+            click.echo(f"repaired: {line}")
         for n in report["notes"]:
             click.echo(f"note: {n}")
         for p in report["problems"]:
@@ -450,10 +466,6 @@ def bench_extract_cmd(folder: str, limit: int | None, repeats: int, **options) -
         click.echo(line)
 
 
-if __name__ == "__main__":
-    main()
-
-
 @bench_group.command("scale")
 @click.option(
     "--sizes",
@@ -488,7 +500,7 @@ def bench_scale_cmd(sizes: str, kinds: str, n_queries: int, out_dir: str, **opti
     from pipeline.bench import bench_scale
 
     settings = api.settings_for(**options)
-    db = catalog_mod.open_catalog(settings["catalog"], create=False)
+    db = catalog_mod.open_reader(settings["catalog"])
     ids = catalog_mod.indexed_ids(db)
     if len(ids) < 50:
         raise CbirError("bench scale needs a catalog with at least 50 indexed images to imitate")
@@ -555,3 +567,7 @@ def bench_serve_cmd(images, uploads: int, **options) -> None:
 
     files = [f for p in images for f in (sorted(glob.glob(f"{p}/**/*.jpg", recursive=True)) or [p])]
     click.echo(json.dumps(bench_upload(api.settings_for(**options), files, uploads)))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,4 +1,20 @@
-"""The one exception type the CLI turns into a one-line message and an exit code."""
+"""Errors: the one exception type users see, and the guard that keeps tracebacks from them."""
+
+from __future__ import annotations
+
+import datetime
+import errno
+import os
+import sqlite3
+import sys
+import tempfile
+import traceback
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+# Set by `cbir --debug` (or CBIR_DEBUG=1): print full tracebacks instead of a log file.
+DEBUG = False
 
 
 class CbirError(Exception):
@@ -7,3 +23,75 @@ class CbirError(Exception):
     def __init__(self, message: str, exit_code: int = 2):
         super().__init__(message)
         self.exit_code = exit_code
+
+
+def _log_file(catalog: str | None) -> Path:
+    """Where a traceback goes: beside the catalog, or the temp folder if that is not writable."""
+    catalog = catalog or os.environ.get("CBIR_CATALOG") or "catalog.db"
+    beside = Path(os.path.abspath(catalog) + ".errors.log")
+    if os.access(beside.parent, os.W_OK):
+        return beside
+    return Path(tempfile.gettempdir()) / "cbir-errors.log"
+
+
+def _say(message: str) -> None:
+    print(f"cbir: error: {message}", file=sys.stderr)
+
+
+def describe(e: BaseException) -> str | None:
+    """A one-line message for a known environmental failure, or None."""
+    if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+        where = f" while writing {e.filename}" if e.filename else ""
+        return f"disk full{where}; free space and rerun (nothing committed was lost)"
+    if isinstance(e, OSError) and e.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        return f"{e.strerror}: {e.filename or 'a file'}; check the folder's permissions"
+    if isinstance(e, sqlite3.DatabaseError):
+        text = str(e)
+        if "full" in text:
+            return "disk full while writing the catalog; free space and rerun"
+        if "readonly" in text:
+            return "the catalog is read-only here; writing needs a writable catalog and folder"
+        return f"the catalog is damaged or unreadable ({text}); run 'cbir verify' for details"
+    if isinstance(e, MemoryError):
+        return "out of memory; try a smaller batch or fewer workers"
+    return None
+
+
+@contextmanager
+def one_line(catalog: str | None = None) -> Iterator[None]:
+    """Turn any exception into one line on stderr and an exit code; never a traceback.
+
+    CbirError and known environmental failures say what to do (exit 2 or 1).
+    Anything else is a bug: its traceback goes to a log file (or stderr with
+    --debug) and the line names that file (exit 1).
+    """
+    try:
+        yield
+    except CbirError as e:
+        _say(str(e))
+        sys.exit(e.exit_code)
+    except KeyboardInterrupt:
+        print("cbir: interrupted; rerun the same command to finish", file=sys.stderr)
+        sys.exit(130)
+    except Exception as e:
+        if DEBUG:
+            traceback.print_exc()
+        known = describe(e)
+        if known:
+            _say(known)
+            sys.exit(1)
+        where = "printed above"
+        if not DEBUG:
+            path = _log_file(catalog)
+            try:
+                with open(path, "a") as f:
+                    f.write(f"--- {datetime.datetime.now().isoformat()} {' '.join(sys.argv)}\n")
+                    traceback.print_exc(file=f)
+                where = f"written to {path}"
+            except OSError:
+                where = "not saved (run with --debug to see it)"
+        line = str(e).strip().splitlines()
+        _say(
+            f"unexpected {type(e).__name__}: {line[-1] if line else ''} (a bug; traceback {where})"
+        )
+        sys.exit(1)

@@ -16,7 +16,7 @@ from typing import Any
 import faiss
 import numpy as np
 
-from pipeline import catalog, color, indexes, jobs, metrics, vectors
+from pipeline import catalog, collection, color, indexes, metrics, vectors
 from pipeline.decode import DecodeError, decode_file
 from pipeline.embed import l2_normalize
 from pipeline.errors import CbirError
@@ -115,7 +115,7 @@ def evaluate(
     if index_name and index_name != indexes.EXACT and method != "resnet50":
         raise CbirError("--index evaluates the catalog's ResNet50 vectors: use --method resnet50")
     how = rerank_from(settings)
-    db = jobs.open_collection(settings["catalog"], create=False, writer=False)
+    db = collection.open_reader(settings["catalog"])
     ids = catalog.indexed_ids(db)
     if not len(ids):
         raise CbirError("the catalog has no indexed images")

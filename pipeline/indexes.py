@@ -8,17 +8,20 @@ from, so a stale index is detected rather than silently served.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
 import re
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
 import faiss
 import numpy as np
 
-from pipeline import catalog, vectors
+from pipeline import catalog, faults, vectors
 from pipeline.errors import CbirError
 
 EXACT = "exact"
@@ -26,10 +29,24 @@ EXACT_FACTORY = "Flat"
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
-def index_path(index_dir: str | Path, name: str) -> Path:
+def index_path(index_dir: str | Path, name: str, record: dict[str, Any] | None = None) -> Path:
+    """The file of index `name`: the one its record names (NAME+TAG.faiss), else NAME.faiss."""
     if not _NAME_RE.match(name):
         raise CbirError(f"invalid index name {name!r}: use letters, digits, '.', '_' and '-'")
+    if record and record.get("file"):
+        return Path(index_dir) / str(record["file"])
     return Path(index_dir) / f"{name}.faiss"
+
+
+def _own_files(index_dir: Path, name: str) -> list[Path]:
+    """Every file a build of `name` may have left: NAME.faiss, NAME+TAG.faiss, temporaries.
+
+    '+' cannot occur in an index name, so no other index's files match.
+    """
+    if not index_dir.is_dir():
+        return []
+    ours = re.compile(rf"^\.?{re.escape(name)}(\+[0-9a-f]+)?\.faiss(\.\d+\.tmp)?$")
+    return [f for f in index_dir.iterdir() if ours.match(f.name)]
 
 
 def parse_params(items: list[str] | tuple[str, ...] | dict[str, Any] | None) -> dict[str, float]:
@@ -82,11 +99,19 @@ def make_index(factory: str, dim: int) -> faiss.Index:
     return faiss.IndexIDMap2(inner)
 
 
-def fill(index: faiss.Index, rows: np.ndarray, ids: np.ndarray, factory: str = "") -> None:
+def fill(
+    index: faiss.Index,
+    rows: np.ndarray,
+    ids: np.ndarray,
+    factory: str = "",
+    crcs: dict[int, int | None] | None = None,
+) -> None:
     """Train `index` on (a sample of) rows[ids] if it needs it, then add them in chunks.
 
     `rows` may be a memory map of any size: at most 200,000 rows are trained on
-    and 65,536 are in memory at a time.
+    and 65,536 are in memory at a time. With `crcs` (id -> recorded checksum)
+    every row is checked before it is added, so no index is built from a
+    damaged vector file.
     """
     if not index.is_trained:
         sample = ids
@@ -99,6 +124,15 @@ def fill(index: faiss.Index, rows: np.ndarray, ids: np.ndarray, factory: str = "
             raise CbirError(f"cannot train {factory!r} on {len(ids)} vectors: {last}") from None
     for start in range(0, len(ids), 65536):
         chunk = ids[start : start + 65536]
+        if crcs is not None:
+            bad = vectors.damaged(rows, chunk, crcs)
+            if bad:
+                raise CbirError(
+                    f"the vector file is damaged: {len(bad)} vectors fail their checksum "
+                    f"(ids {bad[:5]}); no index was built from it. 'cbir verify --repair' drops "
+                    "those images so that the next 'cbir index' embeds them again",
+                    exit_code=1,
+                )
         index.add_with_ids(np.asarray(rows[chunk], dtype=np.float32), chunk)
 
 
@@ -112,20 +146,41 @@ def build(
         raise CbirError("the catalog has no indexed images yet: run 'cbir index FOLDER' first")
     rows = vectors.open_rows(vectors.vectors_path(catalog_path), dim, catalog.next_id(db))
     index = make_index(factory, dim)
-    fill(index, rows, ids, factory)
+    fill(index, rows, ids, factory, catalog.vector_crcs(db))
     if params:
         apply_params(index, params)
     return index
 
 
 def write_atomic(index: faiss.Index, path: Path) -> int:
-    """Write to a temporary file, fsync, rename: a reader never sees half an index."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Temporary file, fsync, rename, fsync of the folder: readers never see half an index.
+
+    On any failure (a full disk, say) the temporary file is removed.
+    """
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise CbirError(f"cannot create index folder {path.parent}: {e.strerror}") from None
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    faiss.write_index(index, str(tmp))
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        faiss.write_index(index, str(tmp))
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        faults.step(f"fsync {tmp.name}")
+        os.replace(tmp, path)
+        faults.step(f"rename {path.name}")
+    except (OSError, RuntimeError) as e:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        if isinstance(e, RuntimeError) or e.errno == errno.ENOSPC:
+            reason = "the disk is full or the folder is not writable"
+        else:
+            reason = e.strerror
+        raise CbirError(
+            f"could not write index {path.stem} in {path.parent} ({reason}); free space and rerun",
+            exit_code=1,
+        ) from None
+    vectors.fsync_dir(path.parent)
     return path.stat().st_size
 
 
@@ -146,7 +201,7 @@ def build_and_save(
     """
     from pipeline import autoindex
 
-    path = index_path(index_dir, name)
+    index_path(index_dir, name)  # refuse a bad name before any work
     gen = catalog.generation(db)
     started = time.perf_counter()
     index = build(db, catalog_path, factory, params)
@@ -158,6 +213,7 @@ def build_and_save(
         if target_recall:
             params = autoindex.tune(index, probe, target_recall, params)
         recall = autoindex.measure_recall(index, probe, params)
+    path = Path(index_dir) / f"{name}+{uuid.uuid4().hex[:12]}.faiss"
     size = write_atomic(index, path)
     record = {
         "name": name,
@@ -170,13 +226,34 @@ def build_and_save(
         "built_at": catalog.now(),
         "recall_at_10": round(recall, 4),
         "note": note,
+        "file": path.name,
     }
     catalog.save_index_record(db, record)
+    # Committed: the new file is the index. Older files of this name (and temporaries
+    # of builds that crashed) are nobody's any more; this writer holds the lock.
+    for old in _own_files(Path(index_dir), name):
+        if old != path:
+            with contextlib.suppress(OSError):
+                old.unlink()
+                faults.step(f"unlink {old.name}")
     return record
 
 
 def is_stale(db, record: dict[str, Any] | None) -> bool:
     return record is None or record["generation"] != catalog.generation(db)
+
+
+def matches_file(record: dict[str, Any] | None, path: Path) -> bool:
+    """Whether the index file is the one its record describes (same size).
+
+    Each build writes a new file before its record commits, so this only
+    fails for a file replaced or damaged behind cbir's back (or one written
+    by an older cbir, which renamed over the file the record described).
+    """
+    try:
+        return record is not None and path.stat().st_size == record["bytes"]
+    except OSError:
+        return False
 
 
 def load(
@@ -196,7 +273,7 @@ def load(
     type allows, so a large index costs page cache, not private memory.
     """
     record = catalog.index_record(db, name)
-    path = index_path(index_dir, name)
+    path = index_path(index_dir, name, record)
     dim, ids = catalog.dimension(db), catalog.indexed_ids(db)
     if name == EXACT and len(ids) * dim * 4 >= EXACT_FROM_FILE_BYTES:
         rows = vectors.open_rows(vectors.vectors_path(catalog_path), dim, catalog.next_id(db))
@@ -207,7 +284,7 @@ def load(
             "params": "{}",
             "generation": catalog.generation(db),
         }
-    elif name == EXACT and (is_stale(db, record) or not path.exists()):
+    elif name == EXACT and (is_stale(db, record) or not matches_file(record, path)):
         index = build(db, catalog_path, EXACT_FACTORY)
         record = {
             "name": EXACT,
@@ -228,8 +305,23 @@ def load(
                 f"catalog is now at {catalog.generation(db)}; run 'cbir build-index {name}' to refresh"
             )
         if not path.exists():
-            raise CbirError(f"index file {path} is missing; run 'cbir build-index {name}'", 1)
-        index = read(path, mmap)
+            raise CbirError(
+                f"the file of index {name!r} is missing; run 'cbir build-index {name}'", 1
+            )
+        if not matches_file(record, path):
+            raise CbirError(
+                f"the file of index {name!r} does not match its record (a build was interrupted, "
+                f"or the file was replaced); run 'cbir build-index {name}'",
+                1,
+            )
+        try:
+            index = read(path, mmap)
+        except RuntimeError:
+            raise CbirError(
+                f"the file of index {name!r} is damaged and cannot be read; "
+                f"run 'cbir build-index {name}' to rebuild it",
+                1,
+            ) from None
     in_force = {**json.loads(record["params"] or "{}"), **(params or {})}
     apply_params(index, in_force)
     return index, record, in_force

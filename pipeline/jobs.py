@@ -9,8 +9,9 @@ leaves either the old state or the new one; leftover bytes are cut on open.
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections import Counter, deque
+from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -19,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline import catalog, indexes, vectors
+from pipeline import catalog, collection, indexes, vectors
 from pipeline.decode import Decoded, DecodeError, decode_file
 from pipeline.embed import Embedder, describe_mismatch, fingerprint_json
 from pipeline.errors import CbirError
@@ -44,34 +45,12 @@ class Summary:
         return {k: v for k, v in self.__dict__.items() if isinstance(v, int)}
 
 
-def open_collection(catalog_path: str | Path, create: bool = True, writer: bool = True):
-    """Open a catalog and check its vector file against the committed rows.
-
-    A writer (holding the write lock) also cuts the bytes an interrupted job
-    left past the last commit. A reader never does: those bytes may belong to
-    a batch that a running job is about to commit.
-    """
-    db = catalog.open_catalog(catalog_path, create=create)
-    dim = catalog.dimension(db)
-    if dim:
-        vec_path = vectors.vectors_path(catalog_path)
-        if writer:
-            vectors.recover(vec_path, dim, catalog.next_id(db))
-        else:
-            vectors.check(vec_path, dim, catalog.next_id(db))
-    return db
-
-
 def check_fingerprint(db, embedder: Embedder) -> None:
     """Refuse to mix vectors from different models; adopt the model on a new catalog."""
     stored = catalog.fingerprint(db)
     current = embedder.fingerprint
     if stored is None:
-        with db.conn:
-            catalog.set_meta(db, "fingerprint", fingerprint_json(current))
-            catalog.set_meta(db, "dimension", current["dimension"])
-            catalog.set_meta(db, "metric", "inner_product")
-            catalog.set_meta(db, "weights_source", embedder.source)
+        catalog.adopt_model(db, fingerprint_json(current), current["dimension"], embedder.source)
         return
     if fingerprint_json(stored) != fingerprint_json(current):
         raise CbirError(
@@ -164,7 +143,7 @@ def run_index(
     """
     summary = Summary()
     with catalog.write_lock(catalog_path):
-        db = open_collection(catalog_path)
+        db = collection.open_writer(catalog_path)
         run_id = catalog.start_run(db, "index", {"roots": roots, **settings})
         try:
             _index_into(
@@ -175,7 +154,9 @@ def run_index(
                     db, catalog_path, index_dir, indexes.EXACT, indexes.EXACT_FACTORY
                 )
         except BaseException:
-            catalog.end_run(db, run_id, "failed", summary.counts())
+            # A full disk fails this too: the first error is the one to tell.
+            with contextlib.suppress(Exception):
+                catalog.end_run(db, run_id, "failed", summary.counts())
             raise
         catalog.end_run(db, run_id, "done", summary.counts())
     return summary
@@ -198,7 +179,7 @@ def _index_into(db, roots, catalog_path, load_model, settings, summary, run_id, 
     check_fingerprint(db, embedder)
     dim = embedder.fingerprint["dimension"]
     vec_path = vectors.vectors_path(catalog_path)
-    # open_collection could not recover a catalog that had no dimension yet: a
+    # open_writer could not recover a catalog that had no dimension yet: a
     # vector file left beside a deleted catalog would otherwise be appended to.
     vectors.recover(vec_path, dim, catalog.next_id(db))
     batch_size = embedder.batch_size
@@ -258,6 +239,9 @@ def _commit(db, batch, replaced, embedder, vec_path, dim, run_id, seen_sha, summ
     for offset, twin_offset in in_batch:
         out[offset] = out[twin_offset]
     vectors.append(vec_path, start, out)
+    for row, checksum in zip(rows, vectors.crc(out), strict=True):
+        if row["status"] == "indexed":
+            row["vector_crc"] = checksum
     replaced_ids = [replaced[f.path] for f, _ in batch if f.path in replaced]
     catalog.commit_batch(db, rows, replaced_ids, start + len(batch))
 
@@ -278,8 +262,3 @@ def _prune(db, roots: list[str], seen: set[str]) -> int:
     ]
     catalog.delete_rows(db, gone)
     return len(gone)
-
-
-def failure_reasons(summary: Summary) -> Counter:
-    """Failures grouped by the start of their reason, for a compact summary."""
-    return Counter(reason.split(":")[0] for _, reason in summary.failures)

@@ -24,7 +24,7 @@ from flask import Flask, abort, jsonify, render_template, request, send_file
 from PIL import Image, ImageOps
 from werkzeug.exceptions import HTTPException
 
-from pipeline import api, catalog, indexes, jobs
+from pipeline import api, catalog, collection, indexes
 from pipeline.decode import DecodeError, decode_bytes
 from pipeline.embed import describe_mismatch, fingerprint_json
 from pipeline.errors import CbirError
@@ -85,7 +85,7 @@ class Collection:
     def db(self):
         """One SQLite connection per thread (sqlite3 objects stay in their thread)."""
         if getattr(self._local, "db", None) is None:
-            self._local.db = jobs.open_collection(self.path, create=False, writer=False)
+            self._local.db = collection.open_reader(self.path)
         return self._local.db
 
     def index(self, name: str):

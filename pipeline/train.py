@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline import catalog, jobs
+from pipeline import catalog, collection
 from pipeline.decode import DecodeError, decode_file
 from pipeline.embed import import_keras, preprocess
 from pipeline.errors import CbirError
@@ -110,7 +110,7 @@ def train(
     out = Path(out)
     if not out.name.endswith(".weights.h5"):
         raise CbirError("the output file name must end in .weights.h5 (Keras weights format)")
-    db = jobs.open_collection(settings["catalog"], create=False, writer=False)
+    db = collection.open_reader(settings["catalog"])
     rows = training_rows(db)
     labels = sorted({r["label"] for r in rows})
     if len(labels) < 2:

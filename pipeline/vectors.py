@@ -3,22 +3,40 @@
 It is a raw float32 file, append-only, memory-mappable. Rows are written and
 fsynced *before* the catalog rows that point to them are committed; the
 catalog's `next_id` says how many rows are committed, and bytes past it are
-leftovers of an interrupted job that `recover` cuts off.
+leftovers of an interrupted job that `recover` cuts off. Each indexed row's
+CRC-32 is stored in the catalog with the row, so damage to the file is found
+(`verify`, and every full read that builds an index) instead of served.
 """
 
 from __future__ import annotations
 
 import os
+import zlib
 from pathlib import Path
 
 import numpy as np
 
+from pipeline import faults
 from pipeline.errors import CbirError
 
 
 def vectors_path(catalog_path: str | Path) -> Path:
-    """The vector file lives beside its catalog: catalog.db -> catalog.vectors."""
-    return Path(catalog_path).with_suffix(".vectors")
+    """The vector file lives beside its catalog file: catalog.db -> catalog.vectors.
+
+    Derived from the resolved catalog file, so a symlink to a catalog shares
+    its vectors (and its lock) instead of growing a second vector file.
+    """
+    return Path(os.path.realpath(catalog_path)).with_suffix(".vectors")
+
+
+def fsync_dir(folder: Path) -> None:
+    """Make a file's creation or rename durable (the folder entry is what changed)."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    faults.step(f"fsync folder {folder.name}")
 
 
 def row_count(path: Path, dim: int) -> int:
@@ -38,10 +56,20 @@ def check(path: Path, dim: int, committed_rows: int) -> int:
     if size < committed_rows * dim * 4:
         raise CbirError(
             f"vector file {path} holds {size // (dim * 4)} rows but the catalog has "
-            f"committed {committed_rows}: the file was truncated or replaced",
+            f"committed {committed_rows}: the file was truncated or replaced; "
+            "'cbir verify --repair' drops the images whose vectors are gone so they are indexed again",
             exit_code=1,
         )
     return size
+
+
+def resize(path: Path, rows: int, dim: int) -> None:
+    """Cut the file to `rows` rows, or extend it with zero rows (writers only), durably."""
+    with open(path, "r+b") as f:
+        f.truncate(rows * dim * 4)
+        f.flush()
+        os.fsync(f.fileno())
+    faults.step("truncate vectors")
 
 
 def recover(path: Path, dim: int, committed_rows: int) -> int:
@@ -49,22 +77,40 @@ def recover(path: Path, dim: int, committed_rows: int) -> int:
     size = check(path, dim, committed_rows)
     want = committed_rows * dim * 4
     if size > want:
-        with open(path, "r+b") as f:
-            f.truncate(want)
-            f.flush()
-            os.fsync(f.fileno())
+        resize(path, committed_rows, dim)
     return (size - want) // (dim * 4) + (1 if (size - want) % (dim * 4) else 0)
 
 
 def append(path: Path, start_row: int, vectors: np.ndarray) -> None:
     """Write rows starting at `start_row` and make them durable before returning."""
     vectors = np.ascontiguousarray(vectors, dtype=np.float32)
-    mode = "r+b" if path.exists() else "w+b"
-    with open(path, mode) as f:
+    created = not path.exists()
+    with open(path, "r+b" if not created else "w+b") as f:
         f.seek(start_row * vectors.shape[1] * 4)
         f.write(vectors.tobytes())
         f.flush()
         os.fsync(f.fileno())
+    faults.step("fsync vectors")
+    if created:
+        fsync_dir(path.parent)
+
+
+def crc(rows: np.ndarray) -> list[int]:
+    """CRC-32 of each float32 row's bytes (catches any bit flip, not only non-unit vectors)."""
+    rows = np.ascontiguousarray(rows, dtype=np.float32)
+    return [zlib.crc32(r.tobytes()) for r in rows]
+
+
+def damaged(rows: np.ndarray, ids: np.ndarray, crcs: dict[int, int | None]) -> list[int]:
+    """Ids among `ids` whose stored row no longer matches its recorded CRC (None = unknown)."""
+    bad: list[int] = []
+    for start in range(0, len(ids), 65536):
+        chunk = ids[start : start + 65536]
+        for i, c in zip(chunk, crc(rows[chunk]), strict=True):
+            want = crcs.get(int(i))
+            if want is not None and want != c:
+                bad.append(int(i))
+    return bad
 
 
 def open_rows(path: Path, dim: int, rows: int) -> np.ndarray:

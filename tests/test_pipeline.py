@@ -189,7 +189,7 @@ def test_bad_files_are_marked_failed_and_the_job_goes_on(tmp_path, weights, core
     r = cli(args)
     assert r.exit_code == 0, r.output
     assert "failed 4" in r.output and "Traceback" not in r.output
-    db = catalog.open_catalog(tmp_path / "c.db")
+    db = catalog.open_reader(tmp_path / "c.db")
     rows = {Path(x["path"]).name: x for x in db.query("select * from images")}
     assert "readme.txt" not in rows
     for name, reason in expected.items():

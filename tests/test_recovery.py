@@ -31,7 +31,7 @@ def committed_rows(db_path: Path) -> int:
 
 
 def vectors_by_path(catalog_path: str) -> dict[str, np.ndarray]:
-    db = catalog.open_catalog(catalog_path, create=False)
+    db = catalog.open_reader(catalog_path)
     rows = list(db.query("select id, path from images where status = 'indexed'"))
     stored = vectors.open_rows(vectors.vectors_path(catalog_path), 2048, catalog.next_id(db))
     return {r["path"]: np.array(stored[r["id"]]) for r in rows}
@@ -93,7 +93,7 @@ def test_kill_9_mid_job_then_rerun_gives_exact_rows_and_vectors(tmp_path, corel_
     got = vectors_by_path(str(cat))
     want = vectors_by_path(corel_collection["catalog"])
     assert sorted(got) == sorted(want)  # no duplicate, no missing image
-    db = catalog.open_catalog(cat)
+    db = catalog.open_reader(cat)
     assert next(iter(db.query("select count(*) n from images")))["n"] == 200
     for path, v in want.items():
         np.testing.assert_allclose(got[path], v, atol=1e-4)
@@ -154,9 +154,11 @@ def test_verify_catches_real_damage(tmp_path, corel_collection):
     # An index that disagrees with the catalog.
     path.write_bytes(bytes(data))
     data[0:4] = np.float32(0.0).tobytes()
-    db = catalog.open_catalog(o["catalog"])
-    with db.conn:
-        db.execute("delete from images where id = 3")  # behind cbir's back: no generation bump
+    db = catalog.open_writer(o["catalog"])
+    with catalog.transaction(db):
+        catalog.write(
+            db, "delete from images where id = 3"
+        )  # behind cbir's back: no generation bump
     report = pipeline.verify(**o)
     assert any("unknown ids" in p for p in report["problems"])
 
@@ -184,4 +186,6 @@ def test_not_a_catalog_is_a_clear_error(tmp_path):
     bogus = tmp_path / "c.db"
     bogus.write_text("definitely not sqlite " * 100)
     with pytest.raises(CbirError, match="not a usable SQLite catalog"):
-        catalog.open_catalog(bogus)
+        catalog.open_writer(bogus)
+    with pytest.raises(CbirError, match="not a usable SQLite catalog"):
+        catalog.open_reader(bogus)

@@ -153,5 +153,5 @@ def test_exact_search_from_the_vector_file_equals_the_flat_index(
 def _load_args(o):
     from pipeline import catalog
 
-    db = catalog.open_catalog(o["catalog"])
+    db = catalog.open_reader(o["catalog"])
     return db, o["catalog"], o["index_dir"], "exact"

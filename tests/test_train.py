@@ -53,7 +53,7 @@ def test_short_training_gives_new_loadable_model_without_query_leakage(
     record = train(settings, out, epochs=1, decode=spy, log=lambda _: None)
 
     # Leakage guard: training read exactly the catalog's images, never a query image.
-    db = catalog.open_catalog(o["catalog"])
+    db = catalog.open_reader(o["catalog"])
     catalogued = {r["path"] for r in db.query("select path from images where status = 'indexed'")}
     queries = {str(COREL / r["path"]) for r in corel_query_rows}
     assert set(opened) == catalogued

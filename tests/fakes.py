@@ -1,0 +1,114 @@
+"""A deterministic stand-in for ResNet50 and small real image files, for the fast tier.
+
+The fake model turns pixels into 2048-d features by a fixed random projection
+of an 8x8 thumbnail, so identical images give identical vectors and different
+images different ones, in microseconds and without TensorFlow.
+
+Run as a script, it is the `cbir` command with the fake model in place of
+ResNet50: `python tests/fakes.py index FOLDER --catalog ...`. Crash-injection
+tests run it as a child process with CBIR_CRASH_AFTER set.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from pipeline import catalog, vectors  # noqa: E402
+from pipeline.embed import DIM, Embedder  # noqa: E402
+
+FAKE_FINGERPRINT = {
+    "architecture": "fake-projection (tests)",
+    "pooling": "avg",
+    "weights_sha256": "0" * 64,
+    "preprocessing": "tests",
+    "dimension": DIM,
+    "normalization": "l2",
+}
+
+
+class FakeModel:
+    """predict_on_batch like a Keras model: (n, 224, 224, 3) -> (n, 2048)."""
+
+    def __init__(self, delay: float = 0.0):
+        self.projection = np.random.default_rng(1234).standard_normal((192, DIM)).astype(np.float32)
+        self.delay = delay  # seconds per batch, to give kill tests a job that lasts
+
+    def predict_on_batch(self, batch: np.ndarray) -> np.ndarray:
+        if self.delay:
+            time.sleep(self.delay)
+        n = len(batch)
+        thumbs = batch.reshape(n, 8, 28, 8, 28, 3).mean(axis=(2, 4)).reshape(n, 192)
+        return np.abs(thumbs @ self.projection) + 1e-3
+
+
+def fake_embedder(batch_size: int = 32, pooling: str = "avg", delay: float = 0.0) -> Embedder:
+    return Embedder(FakeModel(delay), dict(FAKE_FINGERPRINT), batch_size, "imagenet", "avg")
+
+
+def install(delay: float = 0.0) -> None:
+    """Make every model load in this process return the fake model."""
+    from pipeline import api
+
+    def cached(weights: str, batch_size: int, pooling: str = "avg") -> Embedder:
+        return fake_embedder(batch_size, pooling, delay)
+
+    api.cached_embedder = cached
+
+
+def make_images(folder: Path, n: int, seed: int = 0, size: int = 48) -> list[Path]:
+    """n small, distinct JPEG files under folder/<label>/, two labels."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n):
+        sub = folder / ("red" if i % 2 else "blue")
+        sub.mkdir(parents=True, exist_ok=True)
+        base = rng.integers(0, 256, 3)
+        noise = rng.integers(0, 64, (size, size, 3))
+        pixels = np.clip(base + noise, 0, 255).astype(np.uint8)
+        path = sub / f"img{seed}_{i:04d}.jpg"
+        Image.fromarray(pixels).save(path, quality=90)
+        out.append(path)
+    return out
+
+
+def snapshot(cat: Path) -> dict[str, tuple]:
+    """path -> (status, label, sha256, size, mtime, error, vector or None): what a user owns."""
+    db = catalog.open_reader(cat)
+    dim, committed = catalog.dimension(db), catalog.next_id(db)
+    rows = vectors.open_rows(vectors.vectors_path(cat), dim, committed) if dim else None
+    out = {}
+    for r in db.query("select * from images where id < ?", [committed]):
+        vec = np.array(rows[r["id"]]) if r["status"] == "indexed" else None
+        out[r["path"]] = (
+            r["status"], r["label"], r["sha256"], r["size"], r["mtime"], r["error"], vec,
+        )  # fmt: skip
+    db.conn.close()
+    return out
+
+
+def assert_same(got: dict[str, tuple], want: dict[str, tuple], where: str) -> None:
+    assert sorted(got) == sorted(want), f"{where}: different images"
+    for path, row in want.items():
+        assert got[path][:6] == row[:6], f"{where}: {path} differs"
+        if row[6] is None:
+            assert got[path][6] is None, f"{where}: {path} has a vector"
+        else:
+            np.testing.assert_allclose(got[path][6], row[6], atol=1e-5, err_msg=where)
+
+
+if __name__ == "__main__":
+    install(float(os.environ.get("FAKE_MODEL_DELAY", "0")))
+    from pipeline.cli import main
+
+    main()
