@@ -35,6 +35,29 @@ APP_ID = 0x63626972
 SQLITE_MAGIC = b"SQLite format 3\x00"
 
 
+# File names are bytes on POSIX; Python hands undecodable ones over as str with lone
+# surrogates (os.fsdecode), which SQLite's UTF-8 text cannot hold. Such a str is
+# stored as the original bytes (a BLOB) and every TEXT value read back goes through
+# os.fsdecode, so names survive the round trip exactly; valid UTF-8 is unchanged.
+# The adapter is process-wide (sqlite3 has no per-connection adapters); it only
+# changes strings that would otherwise fail to bind.
+def _adapt_text(value: str) -> str | bytes:
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return os.fsencode(value)
+    return value
+
+
+sqlite3.register_adapter(str, _adapt_text)
+sqlite3.register_converter("TEXT", os.fsdecode)
+
+
+def shown(text: str) -> str:
+    """A file name as printable text: undecodable bytes become U+FFFD (display only)."""
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+
+
 class CatalogNotReady(CbirError):
     """A reader found a catalog that a writer is creating or has yet to upgrade."""
 
@@ -75,6 +98,10 @@ MIGRATIONS: list[list[str]] = [
     [
         "alter table images add column vector_crc integer",
         "alter table indexes add column file text",
+        # 'st_dev:st_ino' of the file when indexed: the same file under a second path
+        # (a symlinked folder, a hard link) is one image, not two.
+        "alter table images add column file_key text",
+        "create index idx_images_file_key on images (file_key)",
         f"pragma application_id = {APP_ID}",
     ],
 ]
@@ -120,9 +147,16 @@ def _connect(path: Path, readonly: bool) -> sqlite_utils.Database:
             isolation_level=None,
             check_same_thread=False,
             timeout=10,
+            detect_types=sqlite3.PARSE_DECLTYPES,
         )
     else:
-        conn = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False, timeout=10)
+        conn = sqlite3.connect(
+            str(path),
+            isolation_level=None,
+            check_same_thread=False,
+            timeout=10,
+            detect_types=sqlite3.PARSE_DECLTYPES,
+        )
     conn.execute("PRAGMA busy_timeout = 10000")
     return sqlite_utils.Database(conn, execute_plugins=False)
 
@@ -267,6 +301,7 @@ IMAGE_COLUMNS = (
     "created_at",
     "updated_at",
     "vector_crc",
+    "file_key",
 )
 
 
@@ -320,6 +355,13 @@ def set_vector_crcs(db: sqlite_utils.Database, crcs: dict[int, int]) -> None:
     with transaction(db):
         write_many(
             db, "update images set vector_crc = ? where id = ?", [(c, i) for i, c in crcs.items()]
+        )
+
+
+def set_file_keys(db: sqlite_utils.Database, keys: dict[int, str]) -> None:
+    with transaction(db):
+        write_many(
+            db, "update images set file_key = ? where id = ?", [(k, i) for i, k in keys.items()]
         )
 
 
@@ -430,6 +472,11 @@ def rows_by_path(db: sqlite_utils.Database) -> dict[str, dict[str, Any]]:
 # A row is in the collection only below next_id: rows past it are left by a torn
 # commit of an older cbir, invisible to readers until a writer drops them.
 _COMMITTED = "id < coalesce((select cast(value as integer) from meta where key = 'next_id'), 0)"
+
+
+def rows_by_file_key(db: sqlite_utils.Database) -> dict[str, dict[str, Any]]:
+    sql = "select id, path, file_key from images where file_key is not null and file_key != ''"
+    return {r["file_key"]: r for r in db.query(sql)}
 
 
 def indexed_ids(db: sqlite_utils.Database):

@@ -10,6 +10,7 @@ job is about to commit, and only rows below `next_id` count as committed.
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 import numpy as np
@@ -88,10 +89,26 @@ def repair(db: sqlite_utils.Database, catalog_path: str | Path) -> list[str]:
             crcs.update(zip(chunk.tolist(), vectors.crc(rows[chunk]), strict=True))
         catalog.set_vector_crcs(db, crcs)
         done.append(f"recorded checksums of {len(crcs)} vectors (catalog from an older cbir)")
+    unkeyed = list(db.query("select id, path from images where file_key is null"))
+    if unkeyed:
+        # '' marks a file that is gone, so it is not looked for again at every open.
+        catalog.set_file_keys(db, {r["id"]: file_key(r["path"]) or "" for r in unkeyed})
+        done.append(
+            f"recorded file identities of {len(unkeyed)} images (catalog from an older cbir)"
+        )
     for line in done:
         if not line.startswith("cut "):  # routine after any kill; the rest is worth a notice
             log.warning("repaired %s: %s", catalog_path, line)
     return done
+
+
+def file_key(path: str) -> str | None:
+    """'st_dev:st_ino' of the file a path names (after symlinks), or None if it is gone."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return f"{st.st_dev}:{st.st_ino}"
 
 
 def damaged_ids(db: sqlite_utils.Database, catalog_path: str | Path) -> list[int]:

@@ -39,6 +39,8 @@ class Summary:
     duplicates: int = 0
     relabelled: int = 0
     pruned: int = 0
+    aliases: int = 0  # the same file under a second path (symlink, hard link): not added
+
     failures: list[tuple[str, str]] = field(default_factory=list)
 
     def counts(self) -> dict[str, int]:
@@ -59,27 +61,54 @@ def check_fingerprint(db, embedder: Embedder) -> None:
         )
 
 
-def _plan(
-    db, scanned: list[ScannedFile], retry_failed: bool
-) -> tuple[list[ScannedFile], dict[str, int], dict[int, str | None], int]:
-    """Split scanned files into work: (to extract, replaced path->id, label changes, unchanged)."""
+@dataclass
+class Plan:
+    """What a job has to do, from comparing the scan with the catalog."""
+
+    todo: list[ScannedFile] = field(default_factory=list)  # to decode (and embed)
+    replaced: dict[str, int] = field(default_factory=dict)  # changed file: path -> old id
+    relabel: dict[int, str | None] = field(default_factory=dict)
+    unchanged: int = 0
+    aliases: int = 0  # a file already catalogued under another path
+    keys: dict[str, str | None] = field(default_factory=dict)  # path -> file identity
+
+
+def _same_file(a: str, b: str) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def _plan(db, scanned: list[ScannedFile], retry_failed: bool) -> Plan:
+    """Split scanned files into new, changed, unchanged, relabelled and aliases."""
     existing = catalog.rows_by_path(db)
-    todo: list[ScannedFile] = []
-    replaced: dict[str, int] = {}
-    relabel: dict[int, str | None] = {}
-    unchanged = 0
+    by_key: dict[str, dict[str, Any]] | None = None  # read only if some file is new
+    claimed: dict[str, str] = {}  # file identity -> first path of it in this scan
+    plan = Plan()
     for f in scanned:
         row = existing.get(f.path)
         same = row and row["size"] == f.size and row["mtime"] == f.mtime
         if same and not (retry_failed and row["status"] == "failed"):
-            unchanged += 1
+            plan.unchanged += 1
             if row["label"] != f.label:
-                relabel[row["id"]] = f.label
+                plan.relabel[row["id"]] = f.label
             continue
+        key = collection.file_key(f.path)
         if row:
-            replaced[f.path] = row["id"]
-        todo.append(f)
-    return todo, replaced, relabel, unchanged
+            plan.replaced[f.path] = row["id"]
+        elif key:
+            if by_key is None:
+                by_key = catalog.rows_by_file_key(db)
+            twin = by_key.get(key)
+            if key in claimed or (twin and _same_file(twin["path"], f.path)):
+                plan.aliases += 1
+                continue
+        if key:
+            claimed[key] = f.path
+        plan.keys[f.path] = key
+        plan.todo.append(f)
+    return plan
 
 
 def _decoded_stream(
@@ -108,7 +137,14 @@ def _decoded_stream(
             yield f, fut.result()
 
 
-def _row(f: ScannedFile, image_id: int, run_id: int, decoded: Decoded | None, error: str | None):
+def _row(
+    f: ScannedFile,
+    image_id: int,
+    run_id: int,
+    decoded: Decoded | None,
+    error: str | None,
+    key: str | None,
+):
     stamp = catalog.now()
     return {
         "id": image_id,
@@ -124,6 +160,7 @@ def _row(f: ScannedFile, image_id: int, run_id: int, decoded: Decoded | None, er
         "run_id": run_id,
         "created_at": stamp,
         "updated_at": stamp,
+        "file_key": key,
     }
 
 
@@ -165,85 +202,105 @@ def run_index(
 def _index_into(db, roots, catalog_path, load_model, settings, summary, run_id, progress, on_total):
     scanned = list(scan(roots, labels=settings["labels"], split=settings.get("split", "")))
     summary.scanned = len(scanned)
-    todo, replaced, relabel, summary.unchanged = _plan(db, scanned, settings["retry_failed"])
-    if relabel:
-        catalog.update_labels(db, relabel)
-        summary.relabelled = len(relabel)
+    plan = _plan(db, scanned, settings["retry_failed"])
+    summary.unchanged, summary.aliases = plan.unchanged, plan.aliases
+    if plan.relabel:
+        catalog.update_labels(db, plan.relabel)
+        summary.relabelled = len(plan.relabel)
     if settings["prune"]:
         summary.pruned = _prune(db, roots, {f.path for f in scanned})
     if on_total:
-        on_total(len(todo))
-    if not todo:
+        on_total(len(plan.todo))
+    if not plan.todo:
         return
-    embedder = load_model()
-    check_fingerprint(db, embedder)
-    dim = embedder.fingerprint["dimension"]
-    vec_path = vectors.vectors_path(catalog_path)
-    # open_writer could not recover a catalog that had no dimension yet: a
-    # vector file left beside a deleted catalog would otherwise be appended to.
-    vectors.recover(vec_path, dim, catalog.next_id(db))
-    batch_size = embedder.batch_size
-    seen_sha: dict[str, int] = {}  # sha -> id indexed earlier in this run
-
+    job = _Batches(db, catalog_path, load_model, plan, run_id, summary)
+    batch_size = int(settings["batch_size"])
     batch: list[tuple[ScannedFile, Decoded | DecodeError]] = []
     stream = _decoded_stream(
-        todo, settings["workers"], int(settings["max_pixels"]), lookahead=4 * batch_size
+        plan.todo, settings["workers"], int(settings["max_pixels"]), lookahead=4 * batch_size
     )
     for item in stream:
         batch.append(item)
         if len(batch) == batch_size:
-            _commit(db, batch, replaced, embedder, vec_path, dim, run_id, seen_sha, summary)
+            job.commit(batch)
             if progress:
                 progress(len(batch))
             batch = []
     if batch:
-        _commit(db, batch, replaced, embedder, vec_path, dim, run_id, seen_sha, summary)
+        job.commit(batch)
         if progress:
             progress(len(batch))
 
 
-def _commit(db, batch, replaced, embedder, vec_path, dim, run_id, seen_sha, summary) -> None:
-    """Embed one batch, write its vectors durably, then commit its rows."""
-    start = catalog.next_id(db)
-    out = np.zeros((len(batch), dim), dtype=np.float32)
-    rows = []
-    to_embed: list[int] = []
-    in_batch: list[tuple[int, int]] = []  # (offset, offset of its identical twin in this batch)
-    for offset, (f, result) in enumerate(batch):
-        image_id = start + offset
-        if isinstance(result, DecodeError):
-            rows.append(_row(f, image_id, run_id, None, str(result)))
-            summary.failed += 1
-            summary.failures.append((f.path, str(result)))
-            continue
-        rows.append(_row(f, image_id, run_id, result, None))
-        twin = seen_sha.get(result.sha256)
-        if twin is None:
-            twin = catalog.find_by_sha(db, result.sha256)
-        if twin is None:
-            to_embed.append(offset)
-            seen_sha[result.sha256] = image_id
-            continue
-        if twin != replaced.get(f.path):  # a touched but unchanged file is no duplicate
-            summary.duplicates += 1
-        summary.copied += 1
-        if twin >= start:
-            in_batch.append((offset, twin - start))
-        else:
-            out[offset] = vectors.read(vec_path, dim, start, [twin])[0]
-        seen_sha.setdefault(result.sha256, twin)
-    if to_embed:
-        pixels = np.stack([batch[i][1].pixels for i in to_embed])
-        out[to_embed] = embedder.embed(pixels)
-        summary.indexed += len(to_embed)
-    for offset, twin_offset in in_batch:
-        out[offset] = out[twin_offset]
-    vectors.append(vec_path, start, out)
-    for row, checksum in zip(rows, vectors.crc(out), strict=True):
-        if row["status"] == "indexed":
-            row["vector_crc"] = checksum
-    replaced_ids = [replaced[f.path] for f, _ in batch if f.path in replaced]
-    catalog.commit_batch(db, rows, replaced_ids, start + len(batch))
+class _Batches:
+    """Commits decoded batches: copy or embed vectors, write them durably, then the rows.
+
+    The model is loaded on the first batch that has an image to embed: a job
+    whose new files are all failures or copies of indexed images never pays
+    for it. A new catalog learns its dimension from the model, so it loads first.
+    """
+
+    def __init__(self, db, catalog_path, load_model: Callable[[], Embedder], plan, run_id, summary):
+        self.db, self.plan, self.run_id, self.summary = db, plan, run_id, summary
+        self.load_model = load_model
+        self.embedder: Embedder | None = None
+        self.vec_path = vectors.vectors_path(catalog_path)
+        self.seen_sha: dict[str, int] = {}  # sha -> id indexed earlier in this run
+        if not catalog.dimension(db):
+            self.model()
+            # open_writer could not recover a catalog that had no dimension yet: a
+            # vector file left beside a deleted catalog would otherwise be appended to.
+            vectors.recover(self.vec_path, catalog.dimension(db), catalog.next_id(db))
+        self.dim = catalog.dimension(db)
+
+    def model(self) -> Embedder:
+        if self.embedder is None:
+            self.embedder = self.load_model()
+            check_fingerprint(self.db, self.embedder)
+        return self.embedder
+
+    def commit(self, batch: list[tuple[ScannedFile, Decoded | DecodeError]]) -> None:
+        db, summary, replaced, dim = self.db, self.summary, self.plan.replaced, self.dim
+        start = catalog.next_id(db)
+        out = np.zeros((len(batch), dim), dtype=np.float32)
+        rows = []
+        to_embed: list[int] = []
+        in_batch: list[tuple[int, int]] = []  # (offset, offset of its identical twin in this batch)
+        for offset, (f, result) in enumerate(batch):
+            image_id, key = start + offset, self.plan.keys.get(f.path)
+            if isinstance(result, DecodeError):
+                rows.append(_row(f, image_id, self.run_id, None, str(result), key))
+                summary.failed += 1
+                summary.failures.append((f.path, str(result)))
+                continue
+            rows.append(_row(f, image_id, self.run_id, result, None, key))
+            twin = self.seen_sha.get(result.sha256)
+            if twin is None:
+                twin = catalog.find_by_sha(db, result.sha256)
+            if twin is None:
+                to_embed.append(offset)
+                self.seen_sha[result.sha256] = image_id
+                continue
+            if twin != replaced.get(f.path):  # a touched but unchanged file is no duplicate
+                summary.duplicates += 1
+            summary.copied += 1
+            if twin >= start:
+                in_batch.append((offset, twin - start))
+            else:
+                out[offset] = vectors.read(self.vec_path, dim, start, [twin])[0]
+            self.seen_sha.setdefault(result.sha256, twin)
+        if to_embed:
+            pixels = np.stack([batch[i][1].pixels for i in to_embed])
+            out[to_embed] = self.model().embed(pixels)
+            summary.indexed += len(to_embed)
+        for offset, twin_offset in in_batch:
+            out[offset] = out[twin_offset]
+        vectors.append(self.vec_path, start, out)
+        for row, checksum in zip(rows, vectors.crc(out), strict=True):
+            if row["status"] == "indexed":
+                row["vector_crc"] = checksum
+        replaced_ids = [replaced[f.path] for f, _ in batch if f.path in replaced]
+        catalog.commit_batch(db, rows, replaced_ids, start + len(batch))
 
 
 def _prune(db, roots: list[str], seen: set[str]) -> int:

@@ -4,6 +4,7 @@ foreign files, symlinked catalogs, damaged vector rows, and no tracebacks."""
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import sqlite3
 from pathlib import Path
@@ -257,3 +258,62 @@ def test_vectors_checksum_catches_a_single_bit(tmp_path):
     flipped = rows.copy()
     flipped.view(np.uint32)[2, 100] ^= 1
     assert vectors.damaged(flipped, np.arange(4), crcs) == [2]
+
+
+def test_same_file_under_a_second_path_is_one_image(tmp_path):
+    real = tmp_path / "real"
+    fakes.make_images(real, 6)
+    link = tmp_path / "link"
+    link.symlink_to(real)
+    os.link(real / "red" / "img0_0001.jpg", real / "red" / "hardlink.jpg")
+    r = cli("index", real, *opts(tmp_path))
+    assert r.exit_code == 0, r.output
+    r = cli("index", link, *opts(tmp_path))
+    assert r.exit_code == 0, r.output
+    db = catalog.open_reader(tmp_path / "c.db")
+    paths = [row["path"] for row in db.query("select path from images")]
+    assert len(paths) == 6 and all(p.startswith(str(real)) for p in paths)
+    r = cli("search", "--id", "0", "-k", "10", "--json", *opts(tmp_path))
+    results = [x["path"] for x in json.loads(r.output)["results"]]
+    assert len(results) == len(set(results)) == 6
+
+
+def test_copies_of_indexed_images_do_not_load_the_model(tmp_path, monkeypatch):
+    imgs = tmp_path / "imgs"
+    made = fakes.make_images(imgs, 4)
+    assert cli("index", imgs, *opts(tmp_path)).exit_code == 0
+    copies = tmp_path / "copies"
+    copies.mkdir()
+    for p in made:
+        (copies / p.name).write_bytes(p.read_bytes())
+    (copies / "broken.jpg").write_bytes(b"\xff\xd8 not really")
+
+    def no_model(*_):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(api, "cached_embedder", no_model)
+    r = cli("index", copies, *opts(tmp_path))
+    assert r.exit_code == 0, r.output
+    assert "copied from duplicates 4" in r.output and "failed 1" in r.output
+
+
+def test_undecodable_file_names_are_stored_and_printed_losslessly(tmp_path):
+    imgs = tmp_path / "imgs"
+    made = fakes.make_images(imgs, 3)
+    odd = os.fsdecode(os.fsencode(str(imgs / "red")) + b"/caf\xe9.jpg")
+    made[0].rename(odd)
+    odd_label = os.fsdecode(os.fsencode(str(imgs)) + b"/\xff\xfe")
+    os.mkdir(odd_label)
+    made[1].rename(odd_label + "/x.jpg")
+    r = cli("index", imgs, *opts(tmp_path))
+    assert r.exit_code == 0, r.output
+    assert "indexed 3" in r.output
+    db = catalog.open_reader(tmp_path / "c.db")
+    rows = {row["path"]: row["label"] for row in db.query("select path, label from images")}
+    assert odd in rows and rows[odd_label + "/x.jpg"] == os.path.basename(odd_label)
+    # A rerun recognises them (nothing re-indexed), JSON carries them losslessly.
+    assert "unchanged 3" in cli("index", imgs, *opts(tmp_path)).output
+    r = cli("search", "--id", "0", "--id", "1", "--id", "2", "--json", *opts(tmp_path))
+    queries = {json.loads(line)["query"] for line in r.output.splitlines()}
+    assert odd in queries
+    assert cli("verify", *opts(tmp_path)).exit_code == 0
