@@ -1,7 +1,7 @@
 """Turning an image file into the 224x224 RGB pixels the model sees.
 
-Steps: read the bytes once (and hash them), refuse oversized images before
-decoding, apply EXIF orientation, convert any mode to RGB, resize the shorter
+Steps: read the header and refuse oversized images before decoding (or
+hashing), hash the bytes, apply EXIF orientation, convert any mode to RGB, resize the shorter
 side to 224, centre-crop 224x224. Every failure becomes a `DecodeError` with a
 short reason; nothing here raises anything else for a bad file.
 """
@@ -10,8 +10,12 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import BinaryIO
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -36,16 +40,12 @@ class Decoded:
     height: int
 
 
-def read_bytes(path: str) -> bytes:
-    try:
-        with open(path, "rb") as f:
-            return f.read()
-    except FileNotFoundError:
-        raise DecodeError("file vanished before it could be read") from None
-    except PermissionError:
-        raise DecodeError("cannot read file: permission denied") from None
-    except OSError as e:
-        raise DecodeError(f"cannot read file: {e.strerror or e}") from None
+def _read_error(e: OSError) -> DecodeError:
+    if isinstance(e, FileNotFoundError):
+        return DecodeError("file vanished before it could be read")
+    if isinstance(e, PermissionError):
+        return DecodeError("cannot read file: permission denied")
+    return DecodeError(f"cannot read file: {e.strerror or e}")
 
 
 def _to_rgb(im: Image.Image) -> Image.Image:
@@ -77,47 +77,88 @@ def resize_and_crop(im: Image.Image, size: int = SIZE) -> Image.Image:
     return im.crop((left, top, left + size, top + size))
 
 
-def decode_bytes(data: bytes, max_pixels: int) -> Decoded:
-    """Decode image bytes to model-ready pixels, or raise DecodeError."""
-    if not data:
-        raise DecodeError("empty file (0 bytes)")
-    digest = hashlib.sha256(data).hexdigest()
+def _open(fp: BinaryIO, max_pixels: int) -> Image.Image:
+    """Read only the header: identify the format and refuse too many pixels before decoding."""
+    im = Image.open(fp)
+    width, height = im.size
+    if width * height > max_pixels:
+        raise DecodeError(
+            f"image is {width}x{height} = {width * height:,} pixels, over the limit of "
+            f"{max_pixels:,} (max_pixels; a possible decompression bomb)"
+        )
+    if width < 1 or height < 1:
+        raise DecodeError(f"image has no pixels ({width}x{height})")
+    return im
+
+
+def _pixels(im: Image.Image) -> np.ndarray:
+    # JPEG can decode at 1/2, 1/4, 1/8 scale for free; ask for no less than we need.
+    width, height = im.size
+    scale = SIZE / min(width, height)
+    im.draft("RGB", (int(width * scale) + 1, int(height * scale) + 1))
+    im = ImageOps.exif_transpose(im)
+    im.load()
+    pixels = np.asarray(resize_and_crop(_to_rgb(im)), dtype=np.uint8)
+    if pixels.shape != (SIZE, SIZE, 3):
+        raise DecodeError(f"unexpected decoded shape {pixels.shape}")
+    return pixels
+
+
+@contextmanager
+def _pillow_errors() -> Iterator[None]:
+    """Every way Pillow reports a bad file, as one DecodeError."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # EXIF and palette warnings are not failures
-            im = Image.open(io.BytesIO(data))
-            width, height = im.size
-            if width * height > max_pixels:
-                raise DecodeError(
-                    f"image is {width}x{height} = {width * height:,} pixels, over the limit of "
-                    f"{max_pixels:,} (max_pixels; a possible decompression bomb)"
-                )
-            if width < 1 or height < 1:
-                raise DecodeError(f"image has no pixels ({width}x{height})")
-            # JPEG can decode at 1/2, 1/4, 1/8 scale for free; ask for no less than we need.
-            scale = SIZE / min(width, height)
-            im.draft("RGB", (int(width * scale) + 1, int(height * scale) + 1))
-            im = ImageOps.exif_transpose(im)
-            im.load()
-            rgb = resize_and_crop(_to_rgb(im))
-            pixels = np.asarray(rgb, dtype=np.uint8)
+            yield
     except DecodeError:
         raise
     except UnidentifiedImageError:
         raise DecodeError("not an image, or an image format Pillow cannot read") from None
     except Image.DecompressionBombError as e:
         raise DecodeError(f"decompression bomb: {e}") from None
+    except MemoryError:
+        raise DecodeError("image too large to decode in the memory available") from None
     except (OSError, SyntaxError, ValueError, EOFError) as e:
         # Pillow reports truncated and corrupt data through these.
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise DecodeError(f"corrupt or truncated image: {reason}") from None
     except Exception as e:  # a Pillow plugin bug must not stop a job of 100,000 files
         raise DecodeError(f"cannot decode image: {type(e).__name__}: {e}") from None
-    if pixels.shape != (SIZE, SIZE, 3):
-        raise DecodeError(f"unexpected decoded shape {pixels.shape}")
-    return Decoded(pixels=pixels, sha256=digest, width=width, height=height)
+
+
+def decode_bytes(data: bytes, max_pixels: int) -> Decoded:
+    """Decode image bytes (an upload) to model-ready pixels, or raise DecodeError."""
+    if not data:
+        raise DecodeError("empty file (0 bytes)")
+    with _pillow_errors():
+        im = _open(io.BytesIO(data), max_pixels)
+        width, height = im.size
+        pixels = _pixels(im)
+    return Decoded(pixels, hashlib.sha256(data).hexdigest(), width, height)
 
 
 def decode_file(path: str, max_pixels: int) -> Decoded:
-    """Read and decode one file, or raise DecodeError."""
-    return decode_bytes(read_bytes(path), max_pixels)
+    """Read and decode one file, or raise DecodeError.
+
+    The header is checked first (format, pixel count), so a huge file that is
+    no image, or too large an image, is refused after reading a few KB; the
+    hash is then streamed and Pillow reads only what it decodes.
+    """
+    try:
+        with open(path, "rb") as f:
+            if os.fstat(f.fileno()).st_size == 0:
+                raise DecodeError("empty file (0 bytes)")
+            with _pillow_errors():
+                im = _open(f, max_pixels)
+                width, height = im.size
+            digest = hashlib.sha256()
+            f.seek(0)
+            while chunk := f.read(1 << 20):
+                digest.update(chunk)
+            f.seek(0)
+            with _pillow_errors():
+                pixels = _pixels(im)
+    except OSError as e:  # reading failed (Pillow's own OSErrors are DecodeErrors by now)
+        raise _read_error(e) from None
+    return Decoded(pixels, digest.hexdigest(), width, height)

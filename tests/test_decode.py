@@ -141,3 +141,23 @@ def test_unreadable_file(tmp_path):
     p.chmod(0)
     with pytest.raises(DecodeError, match="permission denied"):
         decode_file(str(p), LIMIT)
+
+
+def test_huge_file_is_refused_from_its_header_without_reading_it(tmp_path):
+    """A 4 GB file must not be read (or hashed) in full to be refused."""
+    import tracemalloc
+
+    big = tmp_path / "huge.tif"
+    with big.open("wb") as f:  # a sparse 4 GB file of zeros: no image header
+        f.truncate(4 << 30)
+    bomb = tmp_path / "bomb.png"
+    Image.new("L", (3000, 3000)).save(bomb)
+    with bomb.open("ab") as f:  # a real header, then 1 GB of trailing bytes
+        f.truncate(1 << 30)
+    tracemalloc.start()
+    for path, words in ((big, "not an image"), (bomb, "over the limit")):
+        with pytest.raises(DecodeError, match=words):
+            decode_file(str(path), max_pixels=1_000_000)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 50 << 20, f"{peak:,} bytes allocated to refuse them"
