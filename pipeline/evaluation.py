@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import csv
 import os
+import sys
 from dataclasses import dataclass
 from typing import Any
 
 import faiss
 import numpy as np
+from tqdm import tqdm
 
 from pipeline import catalog, collection, color, indexes, metrics, vectors
 from pipeline.decode import DecodeError, decode_file
@@ -22,6 +24,10 @@ from pipeline.embed import l2_normalize
 from pipeline.errors import CbirError
 from pipeline.scan import read_label_csv, scan
 from pipeline.search import ranked, rerank_from
+
+# Rankings held at once while evaluating: queries per block x database size.
+# 4M entries of (id, score) is about 50 MB, whatever the collection size.
+BLOCK_ENTRIES = 4_000_000
 
 METHODS = ("resnet50", "color", "hybrid")
 
@@ -150,62 +156,72 @@ def evaluate(
         return db_desc[[row_of[int(i)] for i in wanted]]
 
     n = len(db_ids)
-    found, found_scores = ranked(flat, lookup, q_desc, n, how)
-
     result: dict[str, Any] = {"method": method, "rerank": "+".join(how.methods) or "none"}
     if how.methods:
         result["rerank_n"], result["rerank_alpha"] = how.n, how.alpha
+    approx = None
     if index_name and index_name != indexes.EXACT:
+        from pipeline.search import catalog_lookup
+
         approx, _, in_force = indexes.load(
             db, settings["catalog"], settings["index_dir"], index_name
         )
-        from pipeline.search import catalog_lookup
-
-        k_eval = min(n, 1000)
-        approx_found, found_scores = ranked(
-            approx,
+        approx_lookup, refine = (
             catalog_lookup(db, settings["catalog"]),
-            q_desc,
-            k_eval,
-            how,
-            refine=int(in_force.get("refine", 1)),
+            int(in_force.get("refine", 1)),
         )
-        exact_top = [r[r >= 0][:11] for r in found]
-        approx_top = [r[r >= 0][:11] for r in approx_found]
-        if leave_one_out:
-            exact_top = [t[t != q][:10] for t, q in zip(exact_top, queries.ids, strict=True)]
-            approx_top = [t[t != q][:10] for t, q in zip(approx_top, queries.ids, strict=True)]
         result["index"] = index_name
-        result["recall_at_10"] = metrics.recall_at(approx_top, exact_top, 10)
-        found = approx_found
 
     label_of = dict(zip(db_ids.tolist(), db_labels.tolist(), strict=True))
-    per_query = []
-    for qi, row in enumerate(found):
-        keep = row >= 0
-        if leave_one_out:
-            keep &= row != queries.ids[qi]
-        row, row_scores = row[keep], found_scores[qi][keep]
-        rel = np.array([label_of[int(i)] == queries.labels[qi] for i in row], dtype=bool)
-        total = int((db_labels == queries.labels[qi]).sum()) - (1 if leave_one_out else 0)
-        per_query.append(
-            {
-                "query": queries.paths[qi],
-                "label": queries.labels[qi],
-                "ap": metrics.average_precision(rel, total),
-                "p_at_1": metrics.precision_at(rel, 1),
-                "p_at_10": metrics.precision_at(rel, 10),
-                "top10": [
-                    {
-                        "id": int(i),
-                        "path": rows[int(i)]["path"],
-                        "label": label_of[int(i)],
-                        "score": round(float(sc), 6),
-                    }
-                    for i, sc in zip(row[:10], row_scores[:10], strict=True)
-                ],
-            }
-        )
+    per_query: list[dict[str, Any]] = []
+    exact_tops: list[np.ndarray] = []
+    approx_tops: list[np.ndarray] = []
+    # Queries go in blocks, so memory holds block x database rankings, not the whole
+    # query x database matrix (leave-one-out over 20,000 images needed 11.8 GB).
+    block = max(1, min(len(q_desc), BLOCK_ENTRIES // max(n, 1)))
+    starts = range(0, len(q_desc), block)
+    for b in tqdm(starts, desc="evaluating", unit="block", disable=None, file=sys.stderr):
+        q_block, q_ids = q_desc[b : b + block], queries.ids[b : b + block] if leave_one_out else []
+        found, found_scores = ranked(flat, lookup, q_block, n, how)
+        if approx is not None:
+            k_eval = min(n, 1000)
+            approx_found, found_scores = ranked(approx, approx_lookup, q_block, k_eval, how, refine)
+            exact_top = [r[r >= 0][:11] for r in found]
+            approx_top = [r[r >= 0][:11] for r in approx_found]
+            if leave_one_out:
+                exact_top = [t[t != q][:10] for t, q in zip(exact_top, q_ids, strict=True)]
+                approx_top = [t[t != q][:10] for t, q in zip(approx_top, q_ids, strict=True)]
+            exact_tops += exact_top
+            approx_tops += approx_top
+            found = approx_found
+        for j, row in enumerate(found):
+            qi = b + j
+            keep = row >= 0
+            if leave_one_out:
+                keep &= row != queries.ids[qi]
+            row, row_scores = row[keep], found_scores[j][keep]
+            rel = np.array([label_of[int(i)] == queries.labels[qi] for i in row], dtype=bool)
+            total = int((db_labels == queries.labels[qi]).sum()) - (1 if leave_one_out else 0)
+            per_query.append(
+                {
+                    "query": queries.paths[qi],
+                    "label": queries.labels[qi],
+                    "ap": metrics.average_precision(rel, total),
+                    "p_at_1": metrics.precision_at(rel, 1),
+                    "p_at_10": metrics.precision_at(rel, 10),
+                    "top10": [
+                        {
+                            "id": int(i),
+                            "path": rows[int(i)]["path"],
+                            "label": label_of[int(i)],
+                            "score": round(float(sc), 6),
+                        }
+                        for i, sc in zip(row[:10], row_scores[:10], strict=True)
+                    ],
+                }
+            )
+    if approx is not None:
+        result["recall_at_10"] = metrics.recall_at(approx_tops, exact_tops, 10)
     classes = sorted({q["label"] for q in per_query})
     per_class = {
         c: {
