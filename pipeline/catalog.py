@@ -140,23 +140,28 @@ def _check_header(path: Path) -> None:
 
 
 def _connect(path: Path, readonly: bool) -> sqlite_utils.Database:
-    if readonly:
-        conn = sqlite3.connect(
-            f"{path.resolve().as_uri()}?mode=ro",
-            uri=True,
-            isolation_level=None,
-            check_same_thread=False,
-            timeout=10,
-            detect_types=sqlite3.PARSE_DECLTYPES,
-        )
+    kwargs: dict[str, Any] = {
+        "isolation_level": None,
+        "check_same_thread": False,
+        "timeout": 10,
+        "detect_types": sqlite3.PARSE_DECLTYPES,
+    }
+    if not readonly:
+        conn = sqlite3.connect(str(path), **kwargs)
     else:
-        conn = sqlite3.connect(
-            str(path),
-            isolation_level=None,
-            check_same_thread=False,
-            timeout=10,
-            detect_types=sqlite3.PARSE_DECLTYPES,
-        )
+        uri = f"{path.resolve().as_uri()}?mode=ro"
+        conn = sqlite3.connect(uri, uri=True, **kwargs)
+        try:
+            conn.execute("select 1 from sqlite_master limit 1").fetchall()
+        except sqlite3.OperationalError:
+            # A WAL catalog in a folder where its -shm cannot be created (a read-only
+            # mount): with no -wal file there is nothing uncheckpointed to miss, so
+            # it is opened as immutable, which needs no -shm.
+            wal = Path(str(path) + "-wal")
+            if os.access(path.parent, os.W_OK) or (wal.exists() and wal.stat().st_size):
+                raise
+            conn.close()
+            conn = sqlite3.connect(uri + "&immutable=1", uri=True, **kwargs)
     conn.execute("PRAGMA busy_timeout = 10000")
     return sqlite_utils.Database(conn, execute_plugins=False)
 
@@ -394,6 +399,19 @@ def start_run(db: sqlite_utils.Database, command: str, config: dict[str, Any]) -
             [command, now(), json.dumps(config, sort_keys=True, default=str)],
         )
         return int(cursor.lastrowid)
+
+
+def close_dead_runs(db: sqlite_utils.Database) -> int:
+    """Mark runs left 'running' by a job that died (the caller holds the write lock)."""
+    n = db.conn.execute("select count(*) from runs where status = 'running'").fetchone()[0]
+    if n:
+        with transaction(db):
+            write(
+                db,
+                "update runs set status = 'interrupted', ended_at = ? where status = 'running'",
+                [now()],
+            )
+    return n
 
 
 def end_run(db: sqlite_utils.Database, run_id: int, status: str, counts: dict[str, Any]) -> None:

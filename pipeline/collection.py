@@ -45,9 +45,12 @@ def repair(db: sqlite_utils.Database, catalog_path: str | Path) -> list[str]:
       the vector file (their vectors were cut) are dropped, so their files are
       indexed again;
     - vector bytes past `next_id` (a batch fsynced but never committed) are cut;
-    - indexed rows without a vector checksum (catalogs older than schema 3) get one.
+    - indexed rows without a vector checksum (catalogs older than schema 3) get one;
+    - runs left 'running' by a killed job are marked 'interrupted'.
     """
     done: list[str] = []
+    # Holding the lock, any run still 'running' belongs to a job that was killed.
+    catalog.close_dead_runs(db)
     dim = catalog.dimension(db)
     if not dim:
         return done
