@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline import catalog, collection, indexes, jobs, rerank, vectors
+from pipeline import catalog, collection, config, indexes, jobs, rerank, vectors
 from pipeline import search as search_mod
 from pipeline.config import DEFAULTS, load_settings
 from pipeline.decode import DecodeError, decode_file
@@ -98,7 +98,7 @@ def _expand_queries(queries: list[str | int]) -> list[str | int]:
     out: list[str | int] = []
     for q in queries:
         if isinstance(q, int | np.integer):
-            out.append(int(q))
+            out.append(config.check("id", int(q), spec=config.ID))
         elif os.path.isdir(q):
             out.extend(f.path for f in scan([q], labels="none"))
         elif not os.path.exists(q):

@@ -24,13 +24,19 @@ _UNITS = {"": 1, "B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 
 
 def parse_size(text: str | int) -> int:
-    """'2GB', '512M', '1.5g', 1000 -> bytes (binary units)."""
-    if isinstance(text, int):
-        return text
-    m = re.fullmatch(r"\s*([0-9.]+)\s*([kmgtKMGT]?)(i?[bB])?\s*", str(text))
-    if not m:
-        raise CbirError(f"cannot read memory size {text!r}: use e.g. 2GB or 512MB")
-    return int(float(m.group(1)) * _UNITS[m.group(2).upper()])
+    """'2GB', '512M', '1.5g', 1000 -> bytes (binary units); at least one byte."""
+    shown = repr(text) if len(repr(text)) <= 40 else repr(text)[:37] + "..."
+    size: float = 0
+    if isinstance(text, int) and not isinstance(text, bool):
+        size = text
+    elif m := re.fullmatch(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([kmgtKMGT]?)(i?[bB])?\s*", str(text)):
+        size = float(m.group(1)) * _UNITS[m.group(2).upper()]
+    else:
+        raise CbirError(f"cannot read memory size {shown}: use e.g. 2GB or 512MB")
+    # float() of 400 digits is inf, and int(inf) an OverflowError.
+    if size < 1 or size == math.inf:
+        raise CbirError(f"memory size must be at least 1 byte and finite, got {shown}")
+    return int(size)
 
 
 @dataclass(frozen=True)

@@ -5,14 +5,121 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import math
 import sys
 from typing import Any
 
 import click
 
-from pipeline import api, errors
-from pipeline.config import DEFAULTS
+from pipeline import api, autoindex, errors, indexes
+from pipeline.config import DEFAULTS, OPTIONS, SEARCH_PARAMS, SPEC, Spec
 from pipeline.errors import CbirError
+
+# Click 8.2+ raises this for a bare group (8.1 prints the help and exits 0 itself).
+_NO_ARGS_IS_HELP = getattr(click.exceptions, "NoArgsIsHelpError", ())
+
+
+class OneLineGroup(click.Group):
+    """A group whose usage errors are one line on stderr, `cbir: error: ...`, like all others.
+
+    Click would print Usage, Try and Error lines; scripts and people read one.
+    --help and --version still print and exit 0; a bare group still shows its help.
+    """
+
+    def main(self, *args: Any, standalone_mode: bool = True, **kwargs: Any) -> Any:
+        if not standalone_mode:
+            return super().main(*args, standalone_mode=False, **kwargs)
+        try:
+            # With standalone_mode=False Click raises its errors instead of printing
+            # them, and returns the exit code of --help/--version instead of exiting.
+            rv = super().main(*args, standalone_mode=False, **kwargs)
+        except _NO_ARGS_IS_HELP as e:
+            e.show()  # `cbir` or `cbir bench` alone: the help is the answer
+            sys.exit(e.exit_code)
+        except click.ClickException as e:
+            lines = [line.strip() for line in e.format_message().splitlines() if line.strip()]
+            message = "; ".join(lines)
+            ctx = getattr(e, "ctx", None)
+            if isinstance(e, click.UsageError) and ctx is not None:
+                message += f" (see '{ctx.command_path} --help')"
+            print(f"cbir: error: {message}", file=sys.stderr)
+            sys.exit(e.exit_code)
+        except click.Abort:
+            print("cbir: interrupted", file=sys.stderr)
+            sys.exit(130)
+        sys.exit(rv if isinstance(rv, int) else 0)
+
+
+class FiniteFloatRange(click.FloatRange):
+    """A FloatRange that refuses NaN (which passes every comparison) and infinities."""
+
+    def convert(self, value: Any, param: Any, ctx: Any) -> Any:
+        number = super().convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number.", param, ctx)
+        return number
+
+
+class CountRange(click.IntRange):
+    """An IntRange that also reads counts written like 1e3."""
+
+    def convert(self, value: Any, param: Any, ctx: Any) -> Any:
+        try:
+            number = float(value)
+            if math.isfinite(number) and number.is_integer():
+                value = int(number)
+        except (TypeError, ValueError):
+            pass  # IntRange says what is wrong
+        return super().convert(value, param, ctx)
+
+
+class CommaList(click.ParamType):
+    """'a,b,c' -> a list, each item converted by `item`."""
+
+    name = "list"
+
+    def __init__(self, item: click.ParamType):
+        self.item = item
+
+    def convert(self, value: Any, param: Any, ctx: Any) -> Any:
+        if isinstance(value, list):
+            return value
+        items = [x.strip() for x in str(value).split(",") if x.strip()]
+        if not items:
+            self.fail("give at least one value, comma-separated", param, ctx)
+        return [self.item.convert(x, param, ctx) for x in items]
+
+
+class MemorySize(click.ParamType):
+    """A memory budget such as 2GB or 512MB, in bytes."""
+
+    name = "size"
+
+    def convert(self, value: Any, param: Any, ctx: Any) -> Any:
+        try:
+            return autoindex.parse_size(value)
+        except CbirError as e:
+            self.fail(str(e), param, ctx)
+
+
+def typed(spec: Spec) -> click.ParamType:
+    """The Click type of a setting's spec (pipeline/config.py), so each range is written once."""
+    if spec.kind == "int":
+        return click.IntRange(spec.lo, spec.hi)
+    if spec.kind == "float":
+        return FiniteFloatRange(spec.lo, spec.hi, min_open=spec.lo_open, max_open=spec.hi_open)
+    if spec.kind == "choice":
+        return click.Choice(spec.choices)
+    raise ValueError(f"no Click type for {spec.kind!r}")
+
+
+def check_params(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]):
+    """Refuse a bad --param NAME=VALUE while parsing, before any work."""
+    try:
+        indexes.parse_params(list(values))
+    except CbirError as e:
+        raise click.BadParameter(str(e), ctx, param) from None
+    return values
 
 
 def common_options(f):
@@ -57,11 +164,21 @@ def search_param_options(f):
         "params",
         multiple=True,
         metavar="NAME=VALUE",
+        callback=check_params,
         help="FAISS search parameter, e.g. nprobe=32 or efSearch=128 (repeatable).",
     )
-    @click.option("--nprobe", type=int, default=None, help="Shorthand for --param nprobe=N.")
     @click.option(
-        "--ef-search", "ef_search", type=int, default=None, help="Shorthand for --param efSearch=N."
+        "--nprobe",
+        type=typed(SEARCH_PARAMS["nprobe"]),
+        default=None,
+        help="Shorthand for --param nprobe=N.",
+    )
+    @click.option(
+        "--ef-search",
+        "ef_search",
+        type=typed(SEARCH_PARAMS["efSearch"]),
+        default=None,
+        help="Shorthand for --param efSearch=N.",
     )
     @functools.wraps(f)
     def wrapper(*args, nprobe=None, ef_search=None, params=(), **kwargs):
@@ -75,7 +192,7 @@ def search_param_options(f):
     return wrapper
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group("cbir", cls=OneLineGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="cbir")
 @click.option(
     "--debug",
@@ -86,6 +203,11 @@ def search_param_options(f):
 def main(debug: bool) -> None:
     """Content-based image retrieval: index a folder once, then search it by example."""
     errors.DEBUG = debug
+    # File names that are not valid UTF-8 are printed as their original bytes (as
+    # `ls` does), whatever the locale's error handler; never an encoding traceback.
+    for stream in (sys.stdout, sys.stderr):
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="surrogateescape")
     # Notices (repairs, skipped work) go to stderr as one line each.
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("cbir: %(levelname)s: %(message)s"))
@@ -111,18 +233,24 @@ def main(debug: bool) -> None:
     default=None,
     help="Try again files that failed before, even if unchanged.",
 )
-@click.option("--workers", type=int, default=None, help="Decoding threads.")
-@click.option("--batch-size", "batch_size", type=int, default=None, help="Images per model batch.")
+@click.option("--workers", type=typed(SPEC["workers"]), default=None, help="Decoding threads.")
+@click.option(
+    "--batch-size",
+    "batch_size",
+    type=typed(SPEC["batch_size"]),
+    default=None,
+    help="Images per model batch.",
+)
 @click.option(
     "--pooling",
-    type=click.Choice(["avg", "gem"]),
+    type=typed(SPEC["pooling"]),
     default=None,
     help="Feature pooling: avg (default) or gem; fixed per catalog.",
 )
 @click.option(
     "--max-pixels",
     "max_pixels",
-    type=int,
+    type=typed(SPEC["max_pixels"]),
     default=None,
     help="Refuse images with more pixels (decompression bombs).",
 )
@@ -152,6 +280,8 @@ def index_cmd(paths: tuple[str, ...], **options: Any) -> None:
         f"(model {summary.indexed}, copied from duplicates {summary.copied}), "
         f"failed {summary.failed}, duplicates {summary.duplicates}, "
         f"relabelled {summary.relabelled}, pruned {summary.pruned}"
+        + (f", same file as a catalogued one {summary.aliases}" if summary.aliases else "")
+        + (f", listed but missing {summary.missing}" if summary.missing else "")
     )
     for path, reason in summary.failures[:20]:
         click.echo(f"  failed: {path}: {reason}", err=True)
@@ -163,23 +293,36 @@ def index_cmd(paths: tuple[str, ...], **options: Any) -> None:
 
 @main.command("search")
 @click.argument("queries", nargs=-1)
-@click.option("--id", "ids", type=int, multiple=True, help="Query by catalog id (repeatable).")
-@click.option("-k", type=int, default=None, help="Number of results [default 10].")
+@click.option(
+    "--id",
+    "ids",
+    type=typed(OPTIONS["id"]),
+    multiple=True,
+    help="Query by catalog id (repeatable).",
+)
+@click.option(
+    "-k", type=typed(SPEC["k"]), default=None, help=f"Number of results [default {DEFAULTS['k']}]."
+)
 @click.option("--index", default=None, help="'exact' (default) or the name of a built index.")
 @click.option("--json", "as_json", is_flag=True, help="JSON Lines: one line per query.")
 @click.option("--allow-stale", is_flag=True, help="Search an approximate index even if stale.")
 @click.option("--rerank", default=None, help="Re-rank: 'dba', 'aqe' or 'dba+aqe' [default none].")
-@click.option("--shortlist", type=int, default=None, help="Candidates to re-rank [default 100].")
+@click.option(
+    "--shortlist",
+    type=typed(SPEC["shortlist"]),
+    default=None,
+    help=f"Candidates to re-rank [default {DEFAULTS['shortlist']}].",
+)
 @click.option(
     "--relevant",
-    type=int,
+    type=typed(OPTIONS["id"]),
     multiple=True,
     help="Relevance feedback: an id you marked relevant (repeatable).",
 )
 @click.option(
     "--not-relevant",
     "not_relevant",
-    type=int,
+    type=typed(OPTIONS["id"]),
     multiple=True,
     help="Relevance feedback: an id you marked not relevant (repeatable).",
 )
@@ -188,7 +331,7 @@ def index_cmd(paths: tuple[str, ...], **options: Any) -> None:
 def search_cmd(queries: tuple[str, ...], ids: tuple[int, ...], as_json: bool, **options) -> None:
     """Top-k most similar images for image files, folders of images, or --id N."""
     if not queries and not ids:
-        raise click.UsageError("give a query image, a folder of images, or --id N")
+        raise CbirError("give a query image, a folder of images, or --id N")
     answers = api.search([*queries, *ids], **options)
     bad = 0
     for a in answers:
@@ -227,6 +370,7 @@ def search_cmd(queries: tuple[str, ...], ids: tuple[int, ...], as_json: bool, **
 @click.option(
     "--max-memory",
     "max_memory",
+    type=MemorySize(),
     default="2GB",
     show_default=True,
     help="Memory budget for --auto, e.g. 2GB, 512MB.",
@@ -234,7 +378,7 @@ def search_cmd(queries: tuple[str, ...], ids: tuple[int, ...], as_json: bool, **
 @click.option(
     "--target-recall",
     "target_recall",
-    type=float,
+    type=typed(OPTIONS["target_recall"]),
     default=None,
     help="Raise nprobe/efSearch until recall@10 reaches this [default 0.95 with --auto].",
 )
@@ -245,7 +389,7 @@ def build_index_cmd(
     factory: str | None,
     params: list[str],
     auto: bool,
-    max_memory: str,
+    max_memory: int,
     target_recall: float | None,
     **options,
 ) -> None:
@@ -351,7 +495,7 @@ def verify_cmd(as_json: bool, repair: bool, **options) -> None:
 )
 @click.option(
     "--hybrid-weight",
-    type=float,
+    type=typed(OPTIONS["hybrid_weight"]),
     default=0.5,
     show_default=True,
     help="With --method hybrid: weight of the deep feature (colour gets the rest).",
@@ -401,7 +545,7 @@ def evaluate_cmd(queries, leave_one_out, method, hybrid_weight, report_dir, as_j
 )
 @click.option(
     "--epochs",
-    type=int,
+    type=typed(OPTIONS["epochs"]),
     default=15,
     show_default=True,
     help="At most this many epochs (early stopping on validation loss).",
@@ -409,16 +553,16 @@ def evaluate_cmd(queries, leave_one_out, method, hybrid_weight, report_dir, as_j
 @click.option(
     "--val-fraction",
     "val_fraction",
-    type=float,
+    type=typed(OPTIONS["val_fraction"]),
     default=0.2,
     show_default=True,
     help="Share of each label held out for validation and early stopping.",
 )
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=typed(OPTIONS["seed"]), default=0, show_default=True)
 @click.option(
     "--learning-rate",
     "learning_rate",
-    type=float,
+    type=typed(OPTIONS["learning_rate"]),
     default=1e-4,
     show_default=True,
     help="Adam learning rate for conv5 and the head.",
@@ -449,11 +593,16 @@ def bench_group() -> None:
 
 @bench_group.command("extract")
 @click.argument("folder")
-@click.option("--limit", type=int, default=None, help="Use at most this many images.")
-@click.option("--workers", type=int, default=None)
-@click.option("--batch-size", "batch_size", type=int, default=None)
 @click.option(
-    "--repeats", type=int, default=1, help="Repeat both measurements; medians are printed."
+    "--limit", type=typed(OPTIONS["limit"]), default=None, help="Use at most this many images."
+)
+@click.option("--workers", type=typed(SPEC["workers"]), default=None)
+@click.option("--batch-size", "batch_size", type=typed(SPEC["batch_size"]), default=None)
+@click.option(
+    "--repeats",
+    type=typed(OPTIONS["repeats"]),
+    default=1,
+    help="Repeat both measurements; medians are printed.",
 )
 @common_options
 def bench_extract_cmd(folder: str, limit: int | None, repeats: int, **options) -> None:
@@ -469,6 +618,7 @@ def bench_extract_cmd(folder: str, limit: int | None, repeats: int, **options) -
 @bench_group.command("scale")
 @click.option(
     "--sizes",
+    type=CommaList(CountRange(OPTIONS["bench_size"].lo, OPTIONS["bench_size"].hi)),
     default="1e3,1e4,1e5",
     show_default=True,
     help="Collection sizes, comma-separated (1e6 needs ~25 GB of disk and ~10 min).",
@@ -476,11 +626,14 @@ def bench_extract_cmd(folder: str, limit: int | None, repeats: int, **options) -
 @click.option(
     "--indexes",
     "kinds",
+    type=CommaList(typed(OPTIONS["bench_kinds"])),
     default="flat,hnsw,ivf,ivfpq",
     show_default=True,
     help="Index kinds: flat, hnsw, ivf, ivfpq (HNSW is skipped above 100,000).",
 )
-@click.option("--queries", "n_queries", type=int, default=100, show_default=True)
+@click.option(
+    "--queries", "n_queries", type=typed(OPTIONS["queries"]), default=100, show_default=True
+)
 @click.option(
     "--out",
     "out_dir",
@@ -490,7 +643,9 @@ def bench_extract_cmd(folder: str, limit: int | None, repeats: int, **options) -
     help="Where scale.csv and the plots go.",
 )
 @common_options
-def bench_scale_cmd(sizes: str, kinds: str, n_queries: int, out_dir: str, **options) -> None:
+def bench_scale_cmd(
+    sizes: list[int], kinds: list[str], n_queries: int, out_dir: str, **options
+) -> None:
     """Build time, bytes/vector, single and batch QPS, recall@10 per index and size.
 
     Vectors are generated from the catalog's real features (see pipeline/synth.py).
@@ -510,15 +665,13 @@ def bench_scale_cmd(sizes: str, kinds: str, n_queries: int, out_dir: str, **opti
         catalog_mod.next_id(db),
         ids,
     )
-    size_list = [int(float(x)) for x in sizes.split(",") if x.strip()]
-    kind_list = [x.strip() for x in kinds.split(",") if x.strip()]
-    rows = bench_scale(real, size_list, kind_list, out_dir, n_queries=n_queries, log=click.echo)
+    rows = bench_scale(real, sizes, kinds, out_dir, n_queries=n_queries, log=click.echo)
     click.echo(f"{len(rows)} rows -> {out_dir}/scale.csv, plots {out_dir}/recall-qps-SIZE.png")
 
 
 @main.command("serve")
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind.")
-@click.option("--port", type=int, default=8000, show_default=True)
+@click.option("--port", type=typed(OPTIONS["port"]), default=8000, show_default=True)
 @click.option(
     "--thumbs-dir",
     "thumbs_dir",
@@ -529,7 +682,7 @@ def bench_scale_cmd(sizes: str, kinds: str, n_queries: int, out_dir: str, **opti
 @click.option(
     "--max-upload-mb",
     "max_upload_mb",
-    type=float,
+    type=typed(OPTIONS["max_upload_mb"]),
     default=20,
     show_default=True,
     help="Largest upload accepted, in MB.",
@@ -537,7 +690,7 @@ def bench_scale_cmd(sizes: str, kinds: str, n_queries: int, out_dir: str, **opti
 @click.option(
     "--max-pixels",
     "max_pixels",
-    type=int,
+    type=typed(SPEC["max_pixels"]),
     default=None,
     help="Refuse uploads with more pixels (decompression bombs).",
 )
@@ -557,7 +710,7 @@ def serve_cmd(host: str, port: int, thumbs_dir, max_upload_mb: float, **options)
 
 @bench_group.command("serve")
 @click.argument("images", nargs=-1, required=True)
-@click.option("--uploads", type=int, default=30, show_default=True)
+@click.option("--uploads", type=typed(OPTIONS["uploads"]), default=30, show_default=True)
 @common_options
 def bench_serve_cmd(images, uploads: int, **options) -> None:
     """Median ms from uploading an image to its JSON answer, through a real local server."""

@@ -2,13 +2,19 @@
 
 Every option of every command is a key here, so a config file can hold any of
 them. `configs/default.toml` lists the same defaults as `DEFAULTS` (a test
-keeps the two equal).
+keeps the two equal). `SPEC` says what each key accepts; values are checked
+where they enter (a config file, a variable, the merged settings of a CLI or
+API call), so a bad one is refused in one line before any work. The CLI
+builds its Click types from the same specs: each range is written once, here.
 """
 
 from __future__ import annotations
 
+import math
+import numbers
 import os
 import tomllib
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -49,36 +55,244 @@ ENV_VARS = {
 }
 
 
+@dataclass(frozen=True)
+class Spec:
+    """What one setting or option accepts.
+
+    kind: "int", "float" (finite), "bool", "str", "path" (non-empty str or
+    PathLike), "choice", "rerank" (names joined by '+'), "roots" (one path or
+    a list of paths), "ids" (a list of catalog ids). lo/hi bound numbers;
+    lo_open/hi_open exclude the bound itself.
+    """
+
+    kind: str
+    lo: float | None = None
+    hi: float | None = None
+    choices: tuple[str, ...] = ()
+    lo_open: bool = False
+    hi_open: bool = False
+
+    def allowed(self) -> str:
+        """The accepted values in words, for error messages."""
+        if self.kind in ("int", "float", "ids"):
+            noun = {"int": "an integer", "float": "a finite number", "ids": "a list of ids"}
+            lo, hi = _number(self.lo), _number(self.hi)
+            if self.hi is None:
+                return f"{noun[self.kind]} {'above' if self.lo_open else 'at least'} {lo}"
+            if self.lo_open or self.hi_open:
+                lo = f"above {lo}" if self.lo_open else f"at least {lo}"
+                hi = f"below {hi}" if self.hi_open else f"at most {hi}"
+                return f"{noun[self.kind]} {lo} and {hi}"
+            return f"{noun[self.kind]} from {lo} to {hi}"
+        return {
+            "bool": "true or false",
+            "str": "a string",
+            "path": "a non-empty path (no NUL characters)",
+            "choice": "one of " + ", ".join(self.choices),
+            "rerank": "'' (none), 'dba', 'aqe' or 'dba+aqe'",
+            "roots": "a folder, image or manifest CSV, or a list of them",
+        }[self.kind]
+
+
+# Catalog ids are SQLite integers (signed 64-bit).
+ID = Spec("int", 0, 2**63 - 1)
+
+SPEC: dict[str, Spec] = {
+    "catalog": Spec("path"),
+    "index_dir": Spec("path"),
+    "weights": Spec("path"),
+    "pooling": Spec("choice", choices=("avg", "gem")),
+    # A batch of 1024 is ~600 MB of float32 pixels plus the model's activations.
+    "batch_size": Spec("int", 1, 1024),
+    "workers": Spec("int", 1, 64),
+    "max_pixels": Spec("int", 1),
+    "labels": Spec("path"),  # "folder", "none" or a CSV file
+    "split": Spec("str"),
+    "prune": Spec("bool"),
+    "strict": Spec("bool"),
+    "retry_failed": Spec("bool"),
+    "k": Spec("int", 1, 10_000),
+    "index": Spec("path"),  # an index name; index_path checks its characters
+    "rerank": Spec("rerank"),
+    "rerank_n": Spec("int", 1, 1000),
+    # similarity ** alpha: beyond ~100 every weight but the query's own is 0.
+    "rerank_alpha": Spec("float", 0, 100),
+    "shortlist": Spec("int", 1, 10_000),
+    "roots": Spec("roots"),
+    # API-only options that are merged into the settings too.
+    "relevant": Spec("ids", ID.lo, ID.hi),
+    "not_relevant": Spec("ids", ID.lo, ID.hi),
+}
+
+# Search parameters (--param NAME=VALUE). FAISS casts them to C integers, so
+# NaN, infinities and huge values would become garbage; cbir's own `refine`
+# multiplies k.
+SEARCH_PARAMS: dict[str, Spec] = {
+    "nprobe": Spec("int", 1, 1 << 20),
+    "efSearch": Spec("int", 1, 1 << 16),
+    "refine": Spec("int", 1, 1000),
+}
+OTHER_SEARCH_PARAM = Spec("float", 0, 2**31 - 1)
+# More inverted lists than this cannot be sensible (FAISS suggests 2^20 at a billion vectors).
+IVF_LISTS_MAX = 1 << 24
+
+# Flags of single commands that are not settings.
+OPTIONS: dict[str, Spec] = {
+    "id": ID,
+    "target_recall": Spec("float", 0, 1, lo_open=True),
+    "hybrid_weight": Spec("float", 0, 1),
+    "epochs": Spec("int", 1, 10_000),
+    "val_fraction": Spec("float", 0, 1, lo_open=True, hi_open=True),
+    "seed": Spec("int", 0, 2**32 - 1),  # what numpy and Keras seeding accept
+    "learning_rate": Spec("float", 0, 1, lo_open=True),
+    "limit": Spec("int", 1),
+    "repeats": Spec("int", 1, 1000),
+    "queries": Spec("int", 1, 100_000),
+    "bench_size": Spec("int", 100, 10**9),
+    "bench_kinds": Spec("choice", choices=("flat", "hnsw", "ivf", "ivfpq")),
+    "port": Spec("int", 0, 65535),
+    "max_upload_mb": Spec("float", 0, 4096, lo_open=True),
+    "uploads": Spec("int", 1, 100_000),
+}
+
+
+def _number(x: float | None) -> str:
+    return str(x) if isinstance(x, int | None) else f"{x:g}"
+
+
+def _shown(value: Any) -> str:
+    """A value as it appears in a message: its repr, one line, short."""
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _in_range(value: float, spec: Spec) -> bool:
+    if spec.lo is not None and (value <= spec.lo if spec.lo_open else value < spec.lo):
+        return False
+    return spec.hi is None or (value < spec.hi if spec.hi_open else value <= spec.hi)
+
+
+def _is_int(value: Any) -> bool:
+    # bool is an int subclass, but `k = true` is a mistake, not 1.
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _is_path(value: Any) -> bool:
+    # A NUL byte cannot be in a file name; os.stat would raise ValueError on it.
+    return isinstance(value, str | os.PathLike) and str(value) != "" and "\0" not in str(value)
+
+
+def _fits(value: Any, spec: Spec) -> bool:
+    kind = spec.kind
+    if kind == "int":
+        return _is_int(value) and _in_range(value, spec)
+    if kind == "float":
+        ok = isinstance(value, numbers.Real) and not isinstance(value, bool)
+        return ok and math.isfinite(value) and _in_range(value, spec)
+    if kind == "ids":
+        many = isinstance(value, list | tuple)
+        return many and all(_is_int(v) and _in_range(v, spec) for v in value)
+    if kind == "bool":
+        return isinstance(value, bool)
+    if kind == "str":
+        return isinstance(value, str)
+    if kind == "path":
+        return _is_path(value)
+    if kind == "choice":
+        return value in spec.choices
+    if kind == "rerank":
+        many = isinstance(value, list | tuple) and all(isinstance(v, str) for v in value)
+        return isinstance(value, str) or many
+    if kind == "roots":
+        return _is_path(value) or (isinstance(value, list) and all(map(_is_path, value)))
+    raise AssertionError(kind)
+
+
+def check(key: str, value: Any, where: str = "", spec: Spec | None = None) -> Any:
+    """`value` if it fits the spec of `key` (a string root becomes a list); else CbirError.
+
+    `where` prefixes the message with the value's source, e.g. "config file c.toml: ".
+    """
+    spec = spec or SPEC[key]
+    if not _fits(value, spec):
+        raise CbirError(f"{where}{key} must be {spec.allowed()}, got {_shown(value)}")
+    if spec.kind == "rerank" and value:
+        from pipeline.search import parse_rerank  # imports FAISS: only when asked for
+
+        try:
+            parse_rerank(value)
+        except CbirError as e:
+            raise CbirError(f"{where}{e}") from None
+    if spec.kind == "roots" and not isinstance(value, list):
+        return [value]  # `roots = "imgs"` is one root, not the letters i, m, g, s
+    return float(value) if spec.kind == "float" else value
+
+
+def search_param(key: str, value: Any) -> float:
+    """A search parameter (nprobe, efSearch, refine, ...) as a float, if within its range."""
+    spec = SEARCH_PARAMS.get(key, OTHER_SEARCH_PARAM)
+    number: float | None = None
+    if isinstance(value, str | numbers.Real) and not isinstance(value, bool):
+        try:
+            number = float(value)
+        except (ValueError, OverflowError):
+            number = None
+    ok = number is not None and math.isfinite(number) and _in_range(number, spec)
+    if not ok or (spec.kind == "int" and not number.is_integer()):
+        raise CbirError(f"search parameter {key} must be {spec.allowed()}, got {_shown(value)}")
+    return number
+
+
+def validate(settings: dict[str, Any], where: str = "") -> dict[str, Any]:
+    """Check every known key of merged settings, and how they go together."""
+    for key, value in settings.items():
+        if key in SPEC:
+            settings[key] = check(key, value, where)
+    if settings.get("rerank") and settings.get("shortlist", 0) < settings.get("k", 0):
+        from pipeline.search import parse_rerank
+
+        if parse_rerank(settings["rerank"]):  # "none" re-ranks nothing
+            raise CbirError(
+                f"{where}shortlist ({settings['shortlist']}) must be at least k ({settings['k']}) "
+                "when re-ranking: raise --shortlist or lower -k"
+            )
+    return settings
+
+
 def read_toml(path: str | Path) -> dict[str, Any]:
-    """Read a config file; unknown keys are an error so typos don't pass silently."""
+    """Read a config file; unknown keys and wrong types are errors so typos don't pass silently."""
     path = Path(path)
     try:
-        with path.open("rb") as f:
-            data = tomllib.load(f)
+        # utf-8-sig: a byte-order mark, as some Windows editors write, is not TOML.
+        data = tomllib.loads(path.read_bytes().decode("utf-8-sig"))
     except FileNotFoundError:
         raise CbirError(f"config file not found: {path}") from None
+    except UnicodeDecodeError as e:
+        raise CbirError(f"config file {path} is not UTF-8 text (byte {e.start})") from None
     except tomllib.TOMLDecodeError as e:
         raise CbirError(f"config file {path} is not valid TOML: {e}") from None
+    except OSError as e:
+        raise CbirError(f"cannot read config file {path}: {e.strerror}") from None
     unknown = sorted(set(data) - set(DEFAULTS) - {"roots"})
     if unknown:
         raise CbirError(f"config file {path}: unknown keys {', '.join(unknown)}")
     # Relative paths in a config file are relative to the working directory,
     # like the same paths given as flags.
-    return data
+    return {key: check(key, value, f"config file {path}: ") for key, value in data.items()}
 
 
 def load_settings(
     config_file: str | Path | None = None, flags: dict[str, Any] | None = None
 ) -> dict[str, Any]:
-    """Merge defaults < config file < CBIR_* variables < flags (None = not given)."""
+    """Merge defaults < config file < CBIR_* variables < flags (None = not given), then check."""
     settings = dict(DEFAULTS)
     config_file = config_file or os.environ.get("CBIR_CONFIG")
     if config_file:
         settings.update(read_toml(config_file))
     for var, key in ENV_VARS.items():
         if key and os.environ.get(var):
-            settings[key] = os.environ[var]
+            settings[key] = check(key, os.environ[var], f"{var}: ")
     for key, value in (flags or {}).items():
         if value is not None and value != ():
             settings[key] = value
-    return settings
+    return validate(settings)

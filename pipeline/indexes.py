@@ -21,7 +21,7 @@ from typing import Any
 import faiss
 import numpy as np
 
-from pipeline import catalog, faults, vectors
+from pipeline import catalog, config, faults, vectors
 from pipeline.errors import CbirError
 
 EXACT = "exact"
@@ -49,21 +49,22 @@ def _own_files(index_dir: Path, name: str) -> list[Path]:
     return [f for f in index_dir.iterdir() if ours.match(f.name)]
 
 
-def parse_params(items: list[str] | tuple[str, ...] | dict[str, Any] | None) -> dict[str, float]:
-    """`["nprobe=16", "efSearch=64"]` -> {"nprobe": 16, "efSearch": 64}."""
+def parse_params(
+    items: str | list[str] | tuple[str, ...] | dict[str, Any] | None,
+) -> dict[str, float]:
+    """`["nprobe=16", "efSearch=64"]` -> {"nprobe": 16, "efSearch": 64}; values range-checked."""
     if not items:
         return {}
     if isinstance(items, dict):
-        return {str(k): float(v) for k, v in items.items()}
+        return {str(k): config.search_param(str(k), v) for k, v in items.items()}
+    if isinstance(items, str):
+        items = [items]  # one "name=value", not its letters
     out: dict[str, float] = {}
     for item in items:
-        key, sep, value = item.partition("=")
-        try:
-            out[key.strip()] = float(value)
-        except ValueError:
-            sep = ""
+        key, sep, value = item.partition("=") if isinstance(item, str) else ("", "", "")
         if not sep or not key.strip():
             raise CbirError(f"search parameter must look like name=number, got {item!r}")
+        out[key.strip()] = config.search_param(key.strip(), value.strip())
     return out
 
 
@@ -76,11 +77,12 @@ def apply_params(index: faiss.Index, params: dict[str, float]) -> None:
     """Set search-time parameters (nprobe, efSearch, ...) through FAISS' ParameterSpace."""
     space = faiss.ParameterSpace()
     for key, value in params.items():
+        # Checked here too: stored records and API dicts reach FAISS without parse_params,
+        # and FAISS casts NaN or 1e12 to a C int without complaint.
+        value = config.search_param(key, value)
         if not isinstance(index, faiss.Index) and key not in OWN_PARAMS:
             raise CbirError(f"exact search has no search parameter {key!r}")
         if key in OWN_PARAMS:
-            if value < 1:
-                raise CbirError(f"{key} must be at least 1")
             continue
         try:
             space.set_index_parameter(index, key, value)
@@ -90,11 +92,25 @@ def apply_params(index: faiss.Index, params: dict[str, float]) -> None:
 
 def make_index(factory: str, dim: int) -> faiss.Index:
     """An empty inner-product index from a factory string, mapping our ids."""
+    if re.search(r"\bIDMap2?\b", factory):
+        raise CbirError(
+            f"invalid FAISS factory string {factory!r}: leave out IDMap/IDMap2, "
+            "cbir wraps every index in IDMap2 itself"
+        )
+    lists = max((int(n) for n in re.findall(r"IVF(\d+)", factory)), default=0)
+    if lists > config.IVF_LISTS_MAX:
+        # FAISS would allocate every list up front: a MemoryError, or worse, swapping.
+        raise CbirError(
+            f"{factory!r} asks for {lists:,} inverted lists, more than cbir allows "
+            f"({config.IVF_LISTS_MAX:,}); use about sqrt(number of vectors)"
+        )
     try:
         inner = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
     except RuntimeError as e:
         first = str(e).strip().splitlines()[-1] if str(e).strip() else ""
         raise CbirError(f"invalid FAISS factory string {factory!r}: {first}") from None
+    except MemoryError:
+        raise CbirError(f"not enough memory to create a {factory!r} index", 1) from None
     # IndexIDMap2 gives every index type add_with_ids and reconstruct by id.
     return faiss.IndexIDMap2(inner)
 
@@ -111,29 +127,43 @@ def fill(
     `rows` may be a memory map of any size: at most 200,000 rows are trained on
     and 65,536 are in memory at a time. With `crcs` (id -> recorded checksum)
     every row is checked before it is added, so no index is built from a
-    damaged vector file.
+    damaged vector file. FAISS failures (too few vectors for the index type,
+    memory) become one-line CbirErrors.
     """
-    if not index.is_trained:
-        sample = ids
-        if len(ids) > 200_000:
-            sample = np.sort(np.random.default_rng(0).choice(ids, 200_000, replace=False))
-        try:
+    from pipeline.autoindex import ivf_lists
+
+    ivf = faiss.try_extract_index_ivf(index)
+    if ivf is not None and ivf.nlist > len(ids):
+        # k-means cannot make more clusters than points; FAISS would fail or waste memory.
+        raise CbirError(
+            f"cannot build {factory!r} on {len(ids)} vectors: {ivf.nlist:,} inverted lists "
+            f"is more than the vectors; use about sqrt(vectors) lists, e.g. IVF{ivf_lists(len(ids))}"
+        )
+    try:
+        if not index.is_trained:
+            sample = ids
+            if len(ids) > 200_000:
+                sample = np.sort(np.random.default_rng(0).choice(ids, 200_000, replace=False))
             index.train(np.asarray(rows[sample], dtype=np.float32))
-        except RuntimeError as e:
-            last = str(e).strip().splitlines()[-1]
-            raise CbirError(f"cannot train {factory!r} on {len(ids)} vectors: {last}") from None
-    for start in range(0, len(ids), 65536):
-        chunk = ids[start : start + 65536]
-        if crcs is not None:
-            bad = vectors.damaged(rows, chunk, crcs)
-            if bad:
-                raise CbirError(
-                    f"the vector file is damaged: {len(bad)} vectors fail their checksum "
-                    f"(ids {bad[:5]}); no index was built from it. 'cbir verify --repair' drops "
-                    "those images so that the next 'cbir index' embeds them again",
-                    exit_code=1,
-                )
-        index.add_with_ids(np.asarray(rows[chunk], dtype=np.float32), chunk)
+        for start in range(0, len(ids), 65536):
+            chunk = ids[start : start + 65536]
+            if crcs is not None:
+                bad = vectors.damaged(rows, chunk, crcs)
+                if bad:
+                    raise CbirError(
+                        f"the vector file is damaged: {len(bad)} vectors fail their checksum "
+                        f"(ids {bad[:5]}); no index was built from it. 'cbir verify --repair' "
+                        "drops those images so that the next 'cbir index' embeds them again",
+                        exit_code=1,
+                    )
+            index.add_with_ids(np.asarray(rows[chunk], dtype=np.float32), chunk)
+    except RuntimeError as e:
+        last = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+        raise CbirError(f"cannot build {factory!r} on {len(ids)} vectors: {last}") from None
+    except MemoryError:
+        raise CbirError(
+            f"not enough memory to build {factory!r} on {len(ids)} vectors", 1
+        ) from None
 
 
 def build(
@@ -284,14 +314,20 @@ def load(
             "params": "{}",
             "generation": catalog.generation(db),
         }
-    elif name == EXACT and (is_stale(db, record) or not matches_file(record, path)):
-        index = build(db, catalog_path, EXACT_FACTORY)
-        record = {
-            "name": EXACT,
-            "factory": EXACT_FACTORY,
-            "params": "{}",
-            "generation": catalog.generation(db),
-        }
+    elif name == EXACT:
+        # Derived and cheap: when missing, stale or damaged, rebuilt in memory.
+        index = None
+        if not is_stale(db, record) and matches_file(record, path):
+            with contextlib.suppress(CbirError):
+                index = _read_checked(path, record, dim, mmap)
+        if index is None:
+            index = build(db, catalog_path, EXACT_FACTORY)
+            record = {
+                "name": EXACT,
+                "factory": EXACT_FACTORY,
+                "params": "{}",
+                "generation": catalog.generation(db),
+            }
     else:
         if record is None:
             known = ", ".join(r["name"] for r in catalog.index_records(db)) or "none"
@@ -314,17 +350,26 @@ def load(
                 f"or the file was replaced); run 'cbir build-index {name}'",
                 1,
             )
-        try:
-            index = read(path, mmap)
-        except RuntimeError:
-            raise CbirError(
-                f"the file of index {name!r} is damaged and cannot be read; "
-                f"run 'cbir build-index {name}' to rebuild it",
-                1,
-            ) from None
+        index = _read_checked(path, record, dim, mmap)
     in_force = {**json.loads(record["params"] or "{}"), **(params or {})}
     apply_params(index, in_force)
     return index, record, in_force
+
+
+def _read_checked(path: Path, record: dict[str, Any], dim: int, mmap: bool | None) -> faiss.Index:
+    """Read an index file and check it is the index its record describes."""
+    name = record["name"]
+    try:
+        index = read(path, mmap)
+    except (RuntimeError, MemoryError):
+        index = None
+    if index is None or index.d != dim or index.ntotal != record["ntotal"]:
+        raise CbirError(
+            f"the file of index {name!r} is damaged and cannot be used; "
+            f"run 'cbir build-index {name}' to rebuild it",
+            1,
+        )
+    return index
 
 
 MMAP_BYTES = 1 << 30

@@ -40,6 +40,7 @@ class Summary:
     relabelled: int = 0
     pruned: int = 0
     aliases: int = 0  # the same file under a second path (symlink, hard link): not added
+    missing: int = 0  # listed in a manifest CSV but not on disk
 
     failures: list[tuple[str, str]] = field(default_factory=list)
 
@@ -200,8 +201,11 @@ def run_index(
 
 
 def _index_into(db, roots, catalog_path, load_model, settings, summary, run_id, progress, on_total):
-    scanned = list(scan(roots, labels=settings["labels"], split=settings.get("split", "")))
-    summary.scanned = len(scanned)
+    missing: list[str] = []
+    scanned = list(
+        scan(roots, labels=settings["labels"], split=settings.get("split", ""), missing=missing)
+    )
+    summary.scanned, summary.missing = len(scanned), len(missing)
     plan = _plan(db, scanned, settings["retry_failed"])
     summary.unchanged, summary.aliases = plan.unchanged, plan.aliases
     if plan.relabel:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import logging
 import os
 import stat
 from collections.abc import Iterable, Iterator
@@ -10,6 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.errors import CbirError
+
+log = logging.getLogger("cbir")
 
 IMAGE_EXTENSIONS = frozenset(
     {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm"}
@@ -34,12 +37,16 @@ def read_label_csv(csv_path: str | Path, split: str = "") -> dict[str, str | Non
     """Read `path,label[,split]` rows; paths are relative to the CSV's folder.
 
     Returns absolute path -> label, keeping only rows of `split` when given.
+    Spreadsheet habits are accepted: a UTF-8 byte-order mark, and spaces
+    around the header names and after the commas (`path, label`).
     """
     csv_path = Path(csv_path)
     base = csv_path.resolve().parent
     try:
-        with csv_path.open(newline="") as f:
-            reader = csv.DictReader(f)
+        with csv_path.open(newline="", encoding="utf-8-sig") as f:
+            reader = csv.DictReader(f, skipinitialspace=True)
+            if reader.fieldnames:
+                reader.fieldnames = [name.strip() for name in reader.fieldnames]
             if not reader.fieldnames or "path" not in reader.fieldnames:
                 raise CbirError(
                     f"{csv_path}: a label CSV needs a 'path' column (path,label[,split])"
@@ -47,10 +54,20 @@ def read_label_csv(csv_path: str | Path, split: str = "") -> dict[str, str | Non
             rows = list(reader)
     except FileNotFoundError:
         raise CbirError(f"label file not found: {csv_path}") from None
+    except UnicodeDecodeError as e:
+        raise CbirError(
+            f"{csv_path} is not UTF-8 text (byte {e.start}); save it as UTF-8 CSV"
+        ) from None
+    except csv.Error as e:
+        raise CbirError(f"{csv_path} is not a readable CSV file: {e}") from None
+    except OSError as e:
+        raise CbirError(f"cannot read label file {csv_path}: {e.strerror}") from None
     if split and rows and "split" not in rows[0]:
         raise CbirError(f"{csv_path}: --split {split} given but the CSV has no 'split' column")
     labels: dict[str, str | None] = {}
-    for row in rows:
+    for n, row in enumerate(rows, start=1):
+        if not row["path"]:  # empty, or a short row (DictReader fills it with None)
+            raise CbirError(f"{csv_path}: data row {n} has no path")
         if split and row.get("split") != split:
             continue
         labels[os.path.abspath(base / row["path"])] = row.get("label") or None
@@ -85,19 +102,25 @@ def _walk(root: str, seen_dirs: set[tuple[int, int]]) -> Iterator[str]:
 
 
 def scan(
-    roots: Iterable[str | Path], labels: str = "folder", split: str = ""
+    roots: Iterable[str | Path],
+    labels: str = "folder",
+    split: str = "",
+    missing: list[str] | None = None,
 ) -> Iterator[ScannedFile]:
     """Find the image files under `roots` (folders, image files or manifest CSVs).
 
     `labels` is "folder" (the parent folder's name), "none", or a CSV path of
     `path,label`. A root ending in `.csv` lists the files itself, with their
-    labels, optionally restricted to one `split`.
+    labels, optionally restricted to one `split`. Files a manifest lists that
+    do not exist (and dangling links) are skipped: each is appended to
+    `missing` when given, and every root with some logs a one-line warning.
     """
     csv_labels = read_label_csv(labels) if labels not in ("folder", "none") else None
     seen_dirs: set[tuple[int, int]] = set()
     seen_files: set[str] = set()
     for root in roots:
         root = os.path.abspath(root)
+        gone: list[str] = []
         listed: dict[str, str | None] | None = None
         if root.lower().endswith(".csv"):
             listed = read_label_csv(root, split)
@@ -115,6 +138,7 @@ def scan(
                 st = os.stat(path)
             except OSError:
                 # Listed in a manifest but missing, or a dangling link: nothing to index.
+                gone.append(path)
                 continue
             if not stat.S_ISREG(st.st_mode):
                 continue
@@ -128,3 +152,16 @@ def scan(
             else:
                 label = os.path.basename(os.path.dirname(path))
             yield ScannedFile(path=path, size=st.st_size, mtime=st.st_mtime, label=label)
+        if gone:
+            # Said, not silent: a manifest that names files elsewhere would otherwise
+            # look like a successful run that indexed less.
+            where = "listed in" if listed is not None else "linked under"
+            log.warning(
+                "%d files %s %s do not exist and were skipped (first: %s)",
+                len(gone),
+                where,
+                root,
+                gone[0],
+            )
+            if missing is not None:
+                missing.extend(gone)

@@ -84,6 +84,8 @@ def ranked(
     alpha-QE expands each query with its best re-ranked candidates, before the
     shortlist is scored again.
     """
+    if k < 1:  # settings are checked on entry; this guards direct callers
+        raise CbirError(f"k must be at least 1, got {k}")
     queries = np.ascontiguousarray(queries, dtype=np.float32)
     if len(queries) == 1:
         # One query gains nothing from OpenMP threads and, on a busy machine,
