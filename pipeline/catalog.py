@@ -32,7 +32,6 @@ from pipeline.errors import CbirError
 SCHEMA_VERSION = 3
 # PRAGMA application_id of a cbir catalog ("cbir"), so a foreign SQLite file is told apart.
 APP_ID = 0x63626972
-SQLITE_MAGIC = b"SQLite format 3\x00"
 
 
 # File names are bytes on POSIX; Python hands undecodable ones over as str with lone
@@ -126,17 +125,19 @@ def _schema_version(db: sqlite_utils.Database, path: Path) -> int:
         ) from None
 
 
-def _check_header(path: Path) -> None:
-    """Refuse a file that is not SQLite before SQLite is let near it."""
-    try:
-        with open(path, "rb") as f:
-            head = f.read(len(SQLITE_MAGIC))
-    except IsADirectoryError:
-        raise CbirError(f"{path} is a folder, not a catalog file") from None
-    except PermissionError:
-        raise CbirError(f"cannot read catalog {path}: permission denied") from None
-    if head and head != SQLITE_MAGIC:
-        raise CbirError(f"{path} is not a usable SQLite catalog (not an SQLite file)", 1)
+def _check_file(path: Path) -> None:
+    """Refuse a folder or an unreadable file in one line, without opening it.
+
+    The catalog file must never be opened outside SQLite: closing any handle to
+    it drops every POSIX lock this process holds on it, SQLite's included, after
+    which another process may delete the WAL under our connections. A file that
+    is not SQLite is told by SQLite itself ("file is not a database"), before
+    anything is written to it.
+    """
+    if path.is_dir():
+        raise CbirError(f"{path} is a folder, not a catalog file")
+    if not os.access(path, os.R_OK):
+        raise CbirError(f"cannot read catalog {path}: permission denied")
 
 
 def _connect(path: Path, readonly: bool) -> sqlite_utils.Database:
@@ -188,7 +189,7 @@ def open_writer(path: str | Path, create: bool = True) -> sqlite_utils.Database:
                 f"cannot create the catalog's folder {path.parent}: {e.strerror}"
             ) from None
     else:
-        _check_header(path)
+        _check_file(path)
     try:
         db = _connect(path, readonly=False)
         version = _schema_version(db, path)  # before any write: a foreign file stays untouched
@@ -222,7 +223,7 @@ def open_reader(path: str | Path) -> sqlite_utils.Database:
     path = Path(path)
     if not path.exists():
         raise CbirError(f"no catalog at {path}: run 'cbir index FOLDER' first")
-    _check_header(path)
+    _check_file(path)
     try:
         db = _connect(path, readonly=True)
         version = _schema_version(db, path)
