@@ -375,6 +375,10 @@ def _status_and_message(e: Exception) -> tuple[int, str]:
     return 500, f"internal error ({type(e).__name__}); the server log has the details"
 
 
+def _printable(value: Any) -> Any:
+    return catalog.shown(value) if isinstance(value, str) else value
+
+
 def create_app(
     settings: dict[str, Any],
     thumbs_dir: str | Path | None = None,
@@ -392,6 +396,9 @@ def create_app(
     slots = DecodeSlots(decode_slots or _cores(), pixel_budget, busy_wait_s)
     coll = Collection(settings, thumbs_dir, slots)
     app = Flask(__name__)
+    # A file name that is not UTF-8 (lone surrogates) cannot be encoded in a page;
+    # pages show it with U+FFFD, JSON carries it losslessly as \udcXX escapes.
+    app.jinja_options = {**app.jinja_options, "finalize": _printable}
     app.config["MAX_CONTENT_LENGTH"] = max_upload
     app.json.sort_keys = False  # keys in the order of `cbir search --json`
     app.extensions["cbir"] = coll
@@ -466,7 +473,10 @@ def create_app(
         path = coll.row(image_id)["path"]
         if not os.path.isfile(path):
             abort(404, f"the file of image {image_id} is gone")
-        return send_file(os.path.abspath(path))
+        # A name that is not UTF-8 cannot go into headers (or werkzeug's etag of the
+        # path): send the open file, named as it is shown.
+        name = catalog.shown(os.path.basename(path))
+        return send_file(open(path, "rb"), download_name=name, etag=False)  # noqa: SIM115
 
     @app.get("/thumb/<int:image_id>")
     def thumb(image_id: int):

@@ -407,3 +407,22 @@ def test_thumbnails_of_large_and_turned_images(fake_model, tmp_path):
     buf = io.BytesIO()
     Image.new("P", (400, 300)).save(buf, "PNG")
     assert Image.open(io.BytesIO(thumbnail_bytes(buf.getvalue(), 10**8))).mode == "RGB"
+
+
+def test_file_names_that_are_not_utf8_are_served(fake_model, tmp_path):
+    """JSON carries them losslessly (\\udcXX escapes), pages show them, nothing is a 500."""
+    import os
+
+    import pipeline
+
+    made = fakes.make_images(tmp_path / "images", 6)
+    odd = os.fsdecode(os.fsencode(str(made[0].parent)) + b"/caf\xe9.jpg")
+    made[0].rename(odd)
+    options = {"catalog": str(tmp_path / "db" / "cat.db"), "index_dir": str(tmp_path / "index")}
+    pipeline.index([tmp_path / "images"], **options)
+    client = serve(options, tmp_path).test_client()
+    db_id = [a["query_id"] for a in pipeline.search(list(range(6)), **options) if a["query"] == odd]
+    r = client.post("/api/search", json={"id": db_id[0]})
+    assert r.status_code == 200 and r.get_json()["query"] == odd
+    for url in ("/", f"/image/{db_id[0]}", f"/thumb/{db_id[0]}", f"/image/{db_id[0]}/full"):
+        assert client.get(url).status_code == 200, url
