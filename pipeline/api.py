@@ -1,8 +1,10 @@
-"""The Python API; the CLI is a thin shell over these functions.
+"""The Python API: the CLI, the web server and the benchmarks are clients of these functions.
 
 Every function takes the same keyword options as the CLI flags (catalog,
 index_dir, weights, k, index, ...), merged over a config file (`config=`),
-CBIR_* variables and the defaults, exactly as the CLI merges them.
+CBIR_* variables and the defaults, exactly as the CLI merges them. The
+`*_in` variants take an open `Collection` and an embedder instead, for
+clients that keep them open (the web server).
 """
 
 from __future__ import annotations
@@ -10,17 +12,19 @@ from __future__ import annotations
 import functools
 import json
 import os
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from pipeline import catalog, collection, config, indexes, jobs, rerank, vectors
-from pipeline import search as search_mod
-from pipeline.config import DEFAULTS, load_settings
-from pipeline.decode import DecodeError, decode_file
-from pipeline.embed import Embedder, describe_mismatch, fingerprint_json, load_embedder
-from pipeline.errors import CbirError
+from pipeline import catalog, config, indexes, jobs, ranking, rerank
+from pipeline.collection import Collection, reading, writing
+from pipeline.config import DEFAULTS, Settings, load_settings
+from pipeline.decode import DecodeError, decode_bytes, decode_file
+from pipeline.embed import Embedder, load_embedder
+from pipeline.errors import CbirError, NotFoundError
 from pipeline.scan import scan
 
 
@@ -30,33 +34,40 @@ def cached_embedder(weights: str, batch_size: int, pooling: str = "avg") -> Embe
     return load_embedder(weights, batch_size, pooling)
 
 
-def settings_for(config: str | None = None, **options: Any) -> dict[str, Any]:
+def settings_for(config: str | None = None, **options: Any) -> Settings:
     return load_settings(config, options)
 
 
-def weights_for(s: dict[str, Any]) -> str:
-    """The weights to use: as given, or, when left at the default, the file the catalog was built with.
+def open_collection(s: Settings) -> Collection:
+    """The settings' collection, opened for reading."""
+    return reading(s.catalog, s.index_dir)
+
+
+def model_choice(s: Settings, coll: Collection | None) -> tuple[str, str]:
+    """(weights, pooling): as given, or, left at their defaults, the ones the catalog was built with.
 
     So `cbir search q.jpg` after `cbir index --weights FILE` needs no --weights.
     """
-    weights = str(s["weights"])
-    if weights != DEFAULTS["weights"] or not os.path.exists(s["catalog"]):
-        return weights
-    recorded = catalog.get_meta(catalog.open_reader(s["catalog"]), "weights_source")
-    return recorded if recorded and os.path.isfile(recorded) else weights
+    weights, pooling = s.weights, s.pooling
+    if coll is not None:
+        recorded = catalog.get_meta(coll.db, "weights_source")
+        if weights == DEFAULTS["weights"] and recorded and os.path.isfile(recorded):
+            weights = recorded
+        stored = str((coll.fingerprint or {}).get("pooling", ""))
+        if pooling == DEFAULTS["pooling"] and stored.startswith("gem"):
+            pooling = "gem"
+    return weights, pooling
 
 
-def pooling_for(s: dict[str, Any]) -> str:
-    """The pooling asked for; left at the default, the one the catalog was built with."""
-    pooling = str(s["pooling"])
-    if pooling != DEFAULTS["pooling"] or not os.path.exists(s["catalog"]):
-        return pooling
-    stored = catalog.fingerprint(catalog.open_reader(s["catalog"])) or {}
-    return "gem" if str(stored.get("pooling", "")).startswith("gem") else pooling
-
-
-def embedder_for(s: dict[str, Any]) -> Embedder:
-    return cached_embedder(weights_for(s), int(s["batch_size"]), pooling_for(s))
+def embedder_for(s: Settings, coll: Collection | None = None, batch_size: int = 0) -> Embedder:
+    """The model for this catalog (see `model_choice`), checked against its fingerprint."""
+    if coll is None and os.path.exists(s.catalog):
+        coll = open_collection(s)
+    weights, pooling = model_choice(s, coll)
+    embedder = cached_embedder(weights, batch_size or s.batch_size, pooling)
+    if coll is not None:
+        coll.check_embedder(embedder)
+    return embedder
 
 
 def index(
@@ -68,36 +79,33 @@ def index(
 ) -> jobs.Summary:
     """Index image folders, files or manifest CSVs into the catalog; incremental."""
     s = settings_for(config, **options)
-    paths = list(paths) or list(s.get("roots", []))
-    if not paths:
+    roots = [str(p) for p in (list(paths) or list(s.roots))]
+    if not roots:
         raise CbirError("give at least one folder, image or manifest CSV (or 'roots' in a config)")
-    return jobs.run_index(
-        [str(p) for p in paths],
-        s["catalog"],
-        s["index_dir"],
-        lambda: embedder_for(s),
-        s,
-        progress=progress,
-        on_total=on_total,
-    )
-
-
-def _query_embedder(db, s: dict[str, Any]) -> Embedder:
-    embedder = embedder_for(s)
-    stored = catalog.fingerprint(db)
-    if stored and fingerprint_json(stored) != fingerprint_json(embedder.fingerprint):
-        raise CbirError(
-            "the query model differs from the one that built the catalog "
-            f"({describe_mismatch(stored, embedder.fingerprint)}); pass the catalog's --weights"
+    with writing(s.catalog, s.index_dir) as coll:
+        return jobs.run_index(
+            roots, coll, lambda: embedder_for(s, coll), s, progress=progress, on_total=on_total
         )
-    return embedder
 
 
-def _expand_queries(queries: list[str | int]) -> list[str | int]:
-    """Folders become their image files (sorted); ids and files stay."""
-    out: list[str | int] = []
+@dataclass(frozen=True)
+class Upload:
+    """An image sent as bytes (a web upload), queried like a file."""
+
+    name: str
+    data: bytes
+
+
+Query = int | str | Upload
+
+
+def _expand_queries(queries: list[Query]) -> list[Query]:
+    """Folders become their image files (sorted); ids, files and uploads stay."""
+    out: list[Query] = []
     for q in queries:
-        if isinstance(q, int | np.integer):
+        if isinstance(q, Upload):
+            out.append(q)
+        elif isinstance(q, int | np.integer):
             out.append(config.check("id", int(q), spec=config.ID))
         elif os.path.isdir(q):
             out.extend(f.path for f in scan([q], labels="none"))
@@ -108,81 +116,78 @@ def _expand_queries(queries: list[str | int]) -> list[str | int]:
     return out
 
 
-def _known_ids(db, ids) -> np.ndarray:
-    ids = [int(i) for i in ids]
-    rows = catalog.lookup(db, ids)
+def _known_ids(coll: Collection, ids) -> np.ndarray:
+    ids = [int(i) for i in config.check("relevant", list(ids), spec=config.FEEDBACK_IDS)]
+    rows = catalog.lookup(coll.db, ids)
     missing = [i for i in ids if i not in rows or rows[i]["status"] != "indexed"]
     if missing:
         raise CbirError(f"feedback names ids that are not indexed: {missing[:5]}")
     return np.asarray(ids, dtype=np.int64)
 
 
-def search(queries: list[str | int] | str | int, config: str | None = None, **options: Any):
-    """Top-k results for image files, folders of images, or catalog ids.
+def search_in(
+    coll: Collection,
+    queries: list[Query],
+    s: Settings,
+    embedder: Callable[[], Embedder],
+    params: dict[str, float] | None = None,
+    allow_stale: bool = False,
+    relevant=(),
+    not_relevant=(),
+) -> list[dict[str, Any]]:
+    """Top-k results of each query (catalog id, image file or upload) in an open collection.
 
     Returns one dict per query: {"query", "query_id", "results": [...]} and,
     for an image that cannot be decoded, "error" instead of results.
-    Options beyond the settings: `params` (search parameters), `allow_stale`,
-    `relevant` / `not_relevant` (ids marked by the user: Rocchio feedback).
-    Settings `rerank` ("dba", "aqe", "dba+aqe") and `shortlist` re-rank.
+    `embedder` is called only if some query is an image. `relevant` /
+    `not_relevant` are ids the user marked (Rocchio feedback); settings
+    `rerank` ("dba", "aqe", "dba+aqe") and `shortlist` re-rank.
     """
-    s = settings_for(config, **options)
-    if isinstance(queries, str | int | Path):
-        queries = [queries]
-    db = collection.open_reader(s["catalog"])
-    dim = catalog.dimension(db)
-    if not dim:
-        raise CbirError(f"catalog {s['catalog']} has no indexed images yet")
-    index_obj, _, in_force = indexes.load(
-        db,
-        s["catalog"],
-        s["index_dir"],
-        s["index"],
-        params=indexes.parse_params(options.get("params")),
-        allow_stale=bool(options.get("allow_stale")),
-    )
-    expanded = _expand_queries([str(q) if isinstance(q, Path) else q for q in queries])
+    if not coll.dim:
+        raise CbirError(f"catalog {coll.path} has no indexed images yet")
+    index_obj, _, in_force = coll.index(s.index, params, allow_stale)
     answers: list[dict[str, Any]] = []
-    vecs: list[np.ndarray] = []
+    vecs: list[np.ndarray | None] = []
     pixels, pixel_slots = [], []
-    for q in expanded:
+    for q in _expand_queries(queries):
         if isinstance(q, int):
-            rows = catalog.lookup(db, [q])
-            if q not in rows or rows[q]["status"] != "indexed":
-                raise CbirError(f"no indexed image with id {q}")
-            answers.append({"query": rows[q]["path"], "query_id": q})
-            vecs.append(
-                vectors.read(vectors.vectors_path(s["catalog"]), dim, catalog.next_id(db), [q])[0]
-            )
+            row = catalog.lookup(coll.db, [q]).get(q)
+            if row is None or row["status"] != "indexed":
+                raise NotFoundError(f"no indexed image with id {q}")
+            answers.append({"query": row["path"], "query_id": q})
+            vecs.append(coll.vectors([q])[0])
             continue
-        answers.append({"query": q, "query_id": None})
+        name = q.name if isinstance(q, Upload) else q
+        answers.append({"query": name, "query_id": None})
         try:
-            pixels.append(decode_file(q, int(s["max_pixels"])).pixels)
-            pixel_slots.append(len(vecs))
-            vecs.append(np.zeros(dim, dtype=np.float32))
+            decoded = (
+                decode_bytes(q.data, s.max_pixels)
+                if isinstance(q, Upload)
+                else decode_file(q, s.max_pixels)
+            )
         except DecodeError as e:
-            answers[-1]["error"] = f"cannot use query image {q}: {e}"
+            answers[-1]["error"] = f"cannot use query image {name}: {e}"
             vecs.append(None)
+            continue
+        pixels.append(decoded.pixels)
+        pixel_slots.append(len(vecs))
+        vecs.append(None)
     if pixels:
-        embedded = _query_embedder(db, s).embed(np.stack(pixels))
-        for slot, v in zip(pixel_slots, embedded, strict=True):
+        for slot, v in zip(pixel_slots, embedder().embed(np.stack(pixels)), strict=True):
             vecs[slot] = v
     good = [i for i, v in enumerate(vecs) if v is not None]
-    relevant, not_relevant = options.get("relevant") or [], options.get("not_relevant") or []
     if relevant or not_relevant:
-        lookup = search_mod.catalog_lookup(db, s["catalog"])
+        plus = coll.vectors(_known_ids(coll, relevant))
+        minus = coll.vectors(_known_ids(coll, not_relevant))
         for i in good:
-            vecs[i] = rerank.rocchio(
-                vecs[i], lookup(_known_ids(db, relevant)), lookup(_known_ids(db, not_relevant))
-            )
+            vecs[i] = rerank.rocchio(vecs[i], plus, minus)
     if good:
-        found = search_mod.search_vectors(
-            db,
-            s["catalog"],
+        found = ranking.search_vectors(
+            coll,
             index_obj,
             np.stack([vecs[i] for i in good]),
-            int(s["k"]),
-            how=search_mod.rerank_from(s),
+            s.k,
+            how=ranking.rerank_from(s),
             refine=int(in_force.get("refine", 1)),
         )
         for i, results in zip(good, found, strict=True):
@@ -192,12 +197,37 @@ def search(queries: list[str | int] | str | int, config: str | None = None, **op
     return answers
 
 
+def search(queries: list[Query] | Query | Path, config: str | None = None, **options: Any):
+    """Top-k results for image files, folders of images, or catalog ids (see `search_in`).
+
+    Options beyond the settings: `params` (search parameters, e.g.
+    ["nprobe=16"]), `allow_stale`, `relevant` / `not_relevant`.
+    """
+    s = settings_for(config, **options)
+    if isinstance(queries, str | int | Path | Upload):
+        queries = [queries]
+    coll = open_collection(s)
+    try:
+        return search_in(
+            coll,
+            [str(q) if isinstance(q, Path) else q for q in queries],
+            s,
+            lambda: embedder_for(s, coll),
+            params=indexes.parse_params(options.get("params")),
+            allow_stale=bool(options.get("allow_stale")),
+            relevant=options.get("relevant") or (),
+            not_relevant=options.get("not_relevant") or (),
+        )
+    finally:
+        coll.close()
+
+
 def build_index(
     name: str,
     factory: str | None = None,
     params: list[str] | dict[str, float] | None = None,
     auto: bool = False,
-    max_memory: str | int = "2GB",
+    max_memory: str | int = config.MAX_MEMORY,
     target_recall: float | None = None,
     config: str | None = None,
     **options: Any,
@@ -211,18 +241,15 @@ def build_index(
     from pipeline import autoindex
 
     s = settings_for(config, **options)
-    with catalog.write_lock(s["catalog"]):
-        db = collection.open_writer(s["catalog"], create=False)
-        previous = catalog.index_record(db, name)
+    with writing(s.catalog, s.index_dir, create=False) as coll:
+        previous = catalog.index_record(coll.db, name)
         note = None
         parsed = indexes.parse_params(params)
         if auto:
             if factory:
                 raise CbirError("give either --factory or --auto, not both")
             choice = autoindex.choose(
-                len(catalog.indexed_ids(db)),
-                catalog.dimension(db),
-                autoindex.parse_size(max_memory),
+                len(coll.indexed_ids()), coll.dim, autoindex.parse_size(max_memory)
             )
             factory, note = choice.factory, choice.reason
             parsed = {**choice.params, **parsed}
@@ -240,17 +267,22 @@ def build_index(
             raise CbirError("the name 'exact' is reserved for the flat index; pick another name")
         if not parsed and previous and previous["factory"] == factory:
             parsed = json.loads(previous["params"] or "{}")
-        return indexes.build_and_save(
-            db, s["catalog"], s["index_dir"], name, factory, parsed, target_recall, note
-        )
+        return autoindex.build_and_save(coll, name, factory, parsed, target_recall, note)
+
+
+def info_in(coll: Collection) -> dict[str, Any]:
+    from pipeline.checks import collection_info
+
+    return collection_info(coll)
 
 
 def info(config: str | None = None, **options: Any) -> dict[str, Any]:
     """Counts by status and label, fingerprint, indexes (with staleness), last run."""
-    from pipeline.checks import collection_info
-
-    s = settings_for(config, **options)
-    return collection_info(s["catalog"], s["index_dir"])
+    coll = open_collection(settings_for(config, **options))
+    try:
+        return info_in(coll)
+    finally:
+        coll.close()
 
 
 def verify(config: str | None = None, repair: bool = False, **options: Any) -> dict[str, Any]:
@@ -262,22 +294,26 @@ def verify(config: str | None = None, repair: bool = False, **options: Any) -> d
     report's "repaired" lists what was done.
     """
     from pipeline.checks import verify_collection
+    from pipeline.collection import damaged_ids
 
     s = settings_for(config, **options)
     done: list[str] = []
     if repair:
-        with catalog.write_lock(s["catalog"]):
-            db = catalog.open_writer(s["catalog"], create=False)
-            done = collection.repair(db, s["catalog"])
-            bad = collection.damaged_ids(db, s["catalog"])
+        with writing(s.catalog, s.index_dir, create=False) as coll:
+            done = list(coll.repaired)
+            bad = damaged_ids(coll)
             if bad:
-                catalog.delete_rows(db, bad)
+                catalog.delete_rows(coll.db, bad)
                 done.append(
                     f"dropped {len(bad)} images whose vectors fail their checksum (ids {bad[:5]}); "
                     "the next 'cbir index' embeds them again"
                 )
-            db.conn.close()
-    report = verify_collection(s["catalog"], s["index_dir"])
+    # Verify must see a damaged collection too: no vector check on opening.
+    coll = reading(s.catalog, s.index_dir, check=False)
+    try:
+        report = verify_collection(coll)
+    finally:
+        coll.close()
     report["repaired"] = done
     return report
 
@@ -299,13 +335,20 @@ def evaluate(
     from pipeline.evaluation import evaluate as run_evaluation
 
     s = settings_for(config, **options)
-
-    def embed(pixels: np.ndarray) -> np.ndarray:
-        db = catalog.open_reader(s["catalog"])
-        return _query_embedder(db, s).embed(pixels)
-
-    index_name = s["index"] if s["index"] != indexes.EXACT else None
-    return run_evaluation(s, queries, leave_one_out, method, index_name, hybrid_weight, embed)
+    coll = open_collection(s)
+    try:
+        return run_evaluation(
+            coll,
+            s,
+            queries,
+            leave_one_out,
+            method,
+            s.index if s.index != indexes.EXACT else None,
+            hybrid_weight,
+            lambda pixels: embedder_for(s, coll).embed(pixels),
+        )
+    finally:
+        coll.close()
 
 
 def train(
@@ -321,7 +364,16 @@ def train(
     from pipeline.train import train as run_training
 
     s = settings_for(config, **options)
-    s["weights"] = weights_for(s)
-    return run_training(
-        s, out, epochs=epochs, val_fraction=val_fraction, seed=seed, learning_rate=learning_rate
-    )
+    coll = open_collection(s)
+    try:
+        return run_training(
+            coll,
+            s.replace(weights=model_choice(s, coll)[0]),
+            out,
+            epochs=epochs,
+            val_fraction=val_fraction,
+            seed=seed,
+            learning_rate=learning_rate,
+        )
+    finally:
+        coll.close()

@@ -8,17 +8,20 @@ sampled from the collection itself, reaches the target.
 
 from __future__ import annotations
 
+import json
 import math
 import re
+import time
 from dataclasses import dataclass
 from typing import Any
 
 import faiss
 import numpy as np
 
-from pipeline import catalog, vectors
+from pipeline import catalog, exact, indexes
 from pipeline.errors import CbirError
 from pipeline.metrics import recall_at
+from pipeline.ranking import ranked
 
 _UNITS = {"": 1, "B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 
@@ -58,26 +61,46 @@ def ivf_lists(n: int) -> int:
     return int(max(1, min(want, 65536, 2 ** int(math.log2(max(1, n // 39))))))
 
 
-def choose(n: int, dim: int, max_memory: int) -> Choice:
+def choose(
+    n: int,
+    dim: int,
+    max_memory: int,
+    flat_threshold: int = 20_000,
+    hnsw_threshold: int = 100_000,
+    hnsw_m: int = 32,
+    flat_overhead: float = 1.1,
+    hnsw_overhead: float = 1.2,
+    pq_overhead: float = 1.2,
+    pq_refine: int = 40,
+) -> Choice:
     """The index to build for n vectors of `dim` floats within `max_memory` bytes.
 
-    - Up to 20,000 vectors, exact search is fast enough: Flat.
-    - Up to 100,000, HNSW32 when the vectors fit (fast single queries, high recall).
+    - Up to `flat_threshold` vectors, exact search is fast enough: Flat.
+    - Up to `hnsw_threshold`, HNSW (`hnsw_m` links) when the vectors fit: fast
+      single queries, high recall.
     - Beyond, IVF-Flat when the vectors fit (builds much faster than HNSW on few cores).
-    - Otherwise IVF-PQ: compressed codes, with refine=40, i.e. 40 x k candidates
-      re-scored exactly from the memory-mapped vector file, which is not counted
-      in the index's memory.
+    - Otherwise IVF-PQ: compressed codes, with refine=`pq_refine`, i.e. that many
+      x k candidates re-scored exactly from the memory-mapped vector file, which
+      is not counted in the index's memory.
+
+    The overheads are safety factors on the raw estimates (allocator slack,
+    training buffers). A pure function: the thresholds are parameters, after
+    autofaiss' get_optimal_index_keys_v2.
     """
     raw = n * dim * 4
-    if n <= 20_000 and raw * 1.1 <= max_memory:
+    links = n * hnsw_m * 2 * 8  # HNSW: 2M neighbour ids of 8 bytes at level 0
+    if n <= flat_threshold and raw * flat_overhead <= max_memory:
         return Choice("Flat", {}, raw, f"{n} vectors: exact search is fast enough")
-    if n <= 100_000 and raw * 1.2 + n * 32 * 2 * 8 <= max_memory:
+    if n <= hnsw_threshold and raw * hnsw_overhead + links <= max_memory:
         return Choice(
-            "HNSW32", {"efSearch": 64}, int(raw * 1.1 + n * 32 * 2 * 8), "fits in memory; HNSW"
+            f"HNSW{hnsw_m}",
+            {"efSearch": 64},
+            int(raw * flat_overhead + links),
+            "fits in memory; HNSW",
         )
     nlist = ivf_lists(n)
     centroids = nlist * dim * 4
-    if raw * 1.1 + centroids + n * 8 <= max_memory:
+    if raw * flat_overhead + centroids + n * 8 <= max_memory:
         return Choice(
             f"IVF{nlist},Flat", {"nprobe": 16}, raw + centroids + n * 8, "fits in memory; IVF-Flat"
         )
@@ -87,13 +110,13 @@ def choose(n: int, dim: int, max_memory: int) -> Choice:
         if dim % m:
             continue
         est = n * (m // 2 + 8) + centroids + 16 * dim * 4
-        if est * 1.2 <= max_memory:
+        if est * pq_overhead <= max_memory:
             return Choice(
                 f"IVF{nlist},PQ{m}x4fs",
-                {"nprobe": 16, "refine": 40},
+                {"nprobe": 16, "refine": pq_refine},
                 est,
                 f"{raw / 2**30:.1f} GiB of vectors exceed the budget; IVF-PQ with {m // 2}-byte "
-                "codes and exact re-scoring of 40 x k candidates from the vector file",
+                f"codes and exact re-scoring of {pq_refine} x k candidates from the vector file",
             )
     raise CbirError(
         f"no index for {n} vectors fits in {max_memory / 2**20:.0f} MiB; raise --max-memory"
@@ -110,50 +133,24 @@ class RecallProbe:
     k: int = 10
 
 
-def exact_top_k(rows: np.ndarray, ids: np.ndarray, queries: np.ndarray, k: int) -> np.ndarray:
-    """Exact top-k ids by inner product, scanning `rows[ids]` in chunks (numpy matmul)."""
-    best_s = np.full((len(queries), 0), -np.inf, dtype=np.float32)
-    best_i = np.zeros((len(queries), 0), dtype=np.int64)
-    for start in range(0, len(ids), 65536):
-        chunk = ids[start : start + 65536]
-        if chunk[-1] - chunk[0] == len(chunk) - 1:  # a run of ids: a view, no copy
-            block = rows[int(chunk[0]) : int(chunk[-1]) + 1]
-        else:
-            block = rows[chunk]
-        s = queries @ np.asarray(block, dtype=np.float32).T
-        kk = min(k, s.shape[1])
-        part = np.argpartition(-s, kk - 1, axis=1)[:, :kk]
-        best_s = np.hstack([best_s, np.take_along_axis(s, part, axis=1)])
-        best_i = np.hstack([best_i, chunk[part]])
-        keep = np.argsort(-best_s, axis=1, kind="stable")[:, :k]
-        best_s = np.take_along_axis(best_s, keep, axis=1)
-        best_i = np.take_along_axis(best_i, keep, axis=1)
-    return best_i
-
-
 def make_probe(rows, ids: np.ndarray, n_queries: int = 200, k: int = 10, seed: int = 0):
     rng = np.random.default_rng(seed)
     picked = np.sort(rng.choice(ids, min(n_queries, len(ids)), replace=False))
     queries = np.asarray(rows[picked], dtype=np.float32)
-    truth = exact_top_k(rows, ids, queries, k)
+    truth = exact.top_k(rows, ids, queries, k)[1]
     return RecallProbe(
         queries, truth, lambda i: np.asarray(rows[np.asarray(i, dtype=np.int64)], np.float32), k
     )
 
 
-def recall_probe(db, catalog_path) -> RecallProbe:
-    """A recall probe over the catalog's indexed vectors."""
-    dim = catalog.dimension(db)
-    rows = vectors.open_rows(vectors.vectors_path(catalog_path), dim, catalog.next_id(db))
-    return make_probe(rows, catalog.indexed_ids(db))
+def recall_probe(coll) -> RecallProbe:
+    """A recall probe over the collection's indexed vectors."""
+    return make_probe(coll.rows(), coll.indexed_ids())
 
 
 def measure_recall(index: faiss.Index, probe: RecallProbe, params: dict[str, float]) -> float:
     """recall@k of `index` with `params`, searched the way `cbir search` does."""
-    from pipeline.indexes import apply_params
-    from pipeline.search import ranked
-
-    apply_params(index, params)
+    indexes.apply_params(index, params)
     found, _ = ranked(
         index, probe.lookup, probe.queries, probe.k, refine=int(params.get("refine", 1))
     )
@@ -180,3 +177,40 @@ def tune(
         if measure_recall(index, probe, tried) >= target:
             return tried
     return tried
+
+
+def build_and_save(
+    coll,
+    name: str,
+    factory: str,
+    params: dict[str, float] | None = None,
+    target_recall: float | None = None,
+    note: str | None = None,
+) -> dict[str, Any]:
+    """Build, persist and record an index with its measured recall@10; returns the record.
+
+    With `target_recall`, search parameters (nprobe, efSearch) are raised
+    until the measured recall@10 reaches it.
+    """
+    indexes.index_path(coll.index_dir, name)  # refuse a bad name before any work
+    gen = coll.generation
+    started = time.perf_counter()
+    index = indexes.build(coll, factory, params)
+    seconds = time.perf_counter() - started
+    params = dict(params or {})
+    recall = 1.0
+    if factory != indexes.EXACT_FACTORY:
+        probe = recall_probe(coll)
+        if target_recall:
+            params = tune(index, probe, target_recall, params)
+        recall = measure_recall(index, probe, params)
+    record = {
+        "factory": factory,
+        "params": json.dumps(params),
+        "generation": gen,
+        "build_seconds": round(seconds, 3),
+        "built_at": catalog.now(),
+        "recall_at_10": round(recall, 4),
+        "note": note,
+    }
+    return indexes.save(coll, name, index, record)

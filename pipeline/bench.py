@@ -10,14 +10,16 @@ from typing import Any
 
 import numpy as np
 
-from pipeline import api, jobs
+from pipeline import api, exact, jobs
+from pipeline.collection import writing
+from pipeline.config import Settings
 from pipeline.decode import DecodeError, decode_file
 from pipeline.errors import CbirError
 from pipeline.scan import scan
 
 
 def bench_extract(
-    folder: str, settings: dict[str, Any], limit: int | None = None, repeats: int = 1
+    folder: str, settings: Settings, limit: int | None = None, repeats: int = 1
 ) -> dict[str, Any]:
     """End-to-end indexing throughput against the model alone on the same images.
 
@@ -31,13 +33,11 @@ def bench_extract(
         files = files[:limit]
     if not files:
         raise CbirError(f"no images under {folder}")
-    embedder = api.cached_embedder(
-        str(settings["weights"]), int(settings["batch_size"]), str(settings["pooling"])
-    )
+    embedder = api.cached_embedder(settings.weights, settings.batch_size, settings.pooling)
     pixels = []
     for path in files:
         try:
-            pixels.append(decode_file(path, int(settings["max_pixels"])).pixels)
+            pixels.append(decode_file(path, settings.max_pixels).pixels)
         except DecodeError:
             continue
     pixels = np.stack(pixels)
@@ -47,9 +47,8 @@ def bench_extract(
     for _ in range(repeats):
         with tempfile.TemporaryDirectory(prefix="cbir-bench-") as tmp:
             started = time.perf_counter()
-            summary = jobs.run_index(
-                files, Path(tmp) / "catalog.db", Path(tmp) / "index", lambda: embedder, settings
-            )
+            with writing(Path(tmp) / "catalog.db", Path(tmp) / "index") as coll:
+                summary = jobs.run_index(files, coll, lambda: embedder, settings)
             e2e.append(
                 (summary.indexed + summary.copied + summary.failed)
                 / (time.perf_counter() - started)
@@ -60,7 +59,7 @@ def bench_extract(
     e2e_med, model_med = statistics.median(e2e), statistics.median(model)
     lines = [
         f"images: {len(files)} under {folder} (batch {embedder.batch_size}, "
-        f"{settings['workers']} decode workers, {repeats} repeats, medians)",
+        f"{settings.workers} decode workers, {repeats} repeats, medians)",
         f"end-to-end indexing: {e2e_med:.1f} images/s  (runs: {', '.join(f'{x:.1f}' for x in e2e)})",
         f"model alone:         {model_med:.1f} images/s  (runs: {', '.join(f'{x:.1f}' for x in model)})",
         f"ratio end-to-end / model: {e2e_med / model_med:.3f}  (target >= 0.9)",
@@ -124,9 +123,8 @@ def bench_scale(
     import csv
 
     from pipeline import indexes, synth
-    from pipeline.autoindex import exact_top_k
     from pipeline.metrics import recall_at
-    from pipeline.search import ranked
+    from pipeline.ranking import ranked
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -150,7 +148,7 @@ def bench_scale(
                 queries = next(synth.generate(real, n_queries, seed=99))
             rows = np.memmap(vec_file, dtype=np.float32, mode="r", shape=(n, dim))
             ids = np.arange(n, dtype=np.int64)
-            numpy_s, truth = _timed(exact_top_k, rows, ids, queries, k)
+            numpy_s, (_, truth) = _timed(exact.top_k, rows, ids, queries, k)
             log(
                 f"{source} n={n}: exact top-{k} by numpy matmul+argpartition: {n_queries / numpy_s:.1f} QPS"
             )
@@ -163,7 +161,7 @@ def bench_scale(
                 if factory == "Flat" and n * dim * 4 >= indexes.EXACT_FROM_FILE_BYTES:
                     # What `cbir search` does for exact search at this size: no copy.
                     factory, build_s, size_bytes = "Flat (vector file)", 0.0, 0
-                    index = indexes.VectorFileExact(rows, ids)
+                    index = exact.VectorFileExact(rows, ids)
                     path.touch()
                 else:
                     index = indexes.make_index(factory, dim)

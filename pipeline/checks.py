@@ -11,11 +11,12 @@ import faiss
 import numpy as np
 
 from pipeline import catalog, indexes, vectors
+from pipeline.collection import Collection
 
 
-def collection_info(catalog_path: str | Path, index_dir: str | Path) -> dict[str, Any]:
+def collection_info(coll: Collection) -> dict[str, Any]:
     """What the catalog holds: counts by status and label, fingerprint, indexes, last run."""
-    db = catalog.open_reader(catalog_path)
+    db = coll.db
     status = {
         r["status"]: r["n"]
         for r in db.query("select status, count(*) n from images group by status")
@@ -26,10 +27,10 @@ def collection_info(catalog_path: str | Path, index_dir: str | Path) -> dict[str
             "select label, count(*) n from images where status = 'indexed' group by label order by label"
         )
     }
-    vec_path = vectors.vectors_path(catalog_path)
+    vec_path = coll.vectors_path
     idx = []
     for rec in catalog.index_records(db):
-        path = indexes.index_path(index_dir, rec["name"], rec)
+        path = indexes.index_path(coll.index_dir, rec["name"], rec)
         idx.append(
             {
                 "name": rec["name"],
@@ -38,7 +39,7 @@ def collection_info(catalog_path: str | Path, index_dir: str | Path) -> dict[str
                 "vectors": rec["ntotal"],
                 "bytes": path.stat().st_size if path.exists() else None,
                 "file": str(path),
-                "stale": indexes.is_stale(db, rec) or not path.exists(),
+                "stale": indexes.is_stale(coll, rec) or not path.exists(),
                 "recall_at_10": rec["recall_at_10"],
                 "note": rec.get("note"),
                 "build_seconds": rec["build_seconds"],
@@ -52,7 +53,7 @@ def collection_info(catalog_path: str | Path, index_dir: str | Path) -> dict[str
         last_run["counts"] = json.loads(last_run["counts"] or "{}")
         last_run.pop("config", None)
     return {
-        "catalog": str(Path(catalog_path).resolve()),
+        "catalog": str(coll.path.resolve()),
         "vectors_file": str(vec_path.resolve()),
         "vectors_bytes": vec_path.stat().st_size if vec_path.exists() else 0,
         "schema_version": catalog.get_meta_int(db, "schema_version"),
@@ -71,9 +72,12 @@ def collection_info(catalog_path: str | Path, index_dir: str | Path) -> dict[str
     }
 
 
-def verify_collection(catalog_path: str | Path, index_dir: str | Path) -> dict[str, Any]:
-    """Cross-check catalog, vector file and indexes; `problems` empty means consistent."""
-    db = catalog.open_reader(catalog_path)
+def verify_collection(coll: Collection) -> dict[str, Any]:
+    """Cross-check catalog, vector file and indexes; `problems` empty means consistent.
+
+    `coll` is opened without the vector-file check, so a damaged one is reported.
+    """
+    db = coll.db
     try:
         quick = [r[0] for r in db.conn.execute("pragma quick_check")]
     except sqlite3.DatabaseError as e:
@@ -86,7 +90,7 @@ def verify_collection(catalog_path: str | Path, index_dir: str | Path) -> dict[s
             "checked": {"images": 0, "vectors": 0, "indexes": 0},
         }
     try:
-        return _verify(db, catalog_path, index_dir)
+        return _verify(coll)
     except sqlite3.DatabaseError as e:
         return {
             "ok": False,
@@ -101,11 +105,12 @@ REPAIR_HINT = (
 )
 
 
-def _verify(db, catalog_path: str | Path, index_dir: str | Path) -> dict[str, Any]:
+def _verify(coll: Collection) -> dict[str, Any]:
+    db, index_dir = coll.db, coll.index_dir
     problems: list[str] = []
     notes: list[str] = []
-    dim, committed = catalog.dimension(db), catalog.next_id(db)
-    vec_path = vectors.vectors_path(catalog_path)
+    dim, committed = coll.dim, coll.next_id
+    vec_path = coll.vectors_path
     ids = catalog.indexed_ids(db)
     checked = {"images": 0, "vectors": 0, "indexes": 0}
     vectors_complete = False
@@ -150,7 +155,7 @@ def _verify(db, catalog_path: str | Path, index_dir: str | Path) -> dict[str, An
                     f"{rows_on_disk - committed} uncommitted vector rows from an interrupted job "
                     "(dropped at the next write)"
                 )
-            stored = vectors.open_rows(vec_path, dim, committed)
+            stored = coll.rows()
             for start in range(0, len(ids), 65536):
                 chunk = np.asarray(stored[ids[start : start + 65536]], dtype=np.float32)
                 norms = np.linalg.norm(chunk, axis=1)
@@ -202,7 +207,7 @@ def _verify(db, catalog_path: str | Path, index_dir: str | Path) -> dict[str, An
             problems.append(
                 f"index {rec['name']}: file holds {index.ntotal} vectors, record says {rec['ntotal']}"
             )
-        if indexes.is_stale(db, rec):
+        if indexes.is_stale(coll, rec):
             notes.append(f"index {rec['name']} is stale (catalog changed since it was built)")
             continue
         held = indexes.stored_ids(index)
@@ -218,7 +223,7 @@ def _verify(db, catalog_path: str | Path, index_dir: str | Path) -> dict[str, An
             id_map = faiss.vector_to_array(faiss.downcast_index(index).id_map)
             pos = {int(i): p for p, i in enumerate(id_map)}
             got = np.stack([inner.reconstruct(pos[int(i)]) for i in sample])
-            want = np.asarray(vectors.open_rows(vec_path, dim, committed)[sample])
+            want = np.asarray(coll.rows()[sample])
             if not np.allclose(got, want, atol=1e-6):
                 problems.append(f"index {rec['name']}: vectors differ from the vector file")
     known = {indexes.index_path(index_dir, r["name"], r).name for r in catalog.index_records(db)}

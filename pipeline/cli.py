@@ -287,7 +287,7 @@ def index_cmd(paths: tuple[str, ...], **options: Any) -> None:
         click.echo(f"  failed: {path}: {reason}", err=True)
     if len(summary.failures) > 20:
         click.echo(f"  ... and {len(summary.failures) - 20} more (see 'cbir info')", err=True)
-    if summary.failed and settings["strict"]:
+    if summary.failed and settings.strict:
         sys.exit(1)
 
 
@@ -650,21 +650,13 @@ def bench_scale_cmd(
 
     Vectors are generated from the catalog's real features (see pipeline/synth.py).
     """
-    from pipeline import catalog as catalog_mod
-    from pipeline import vectors as vectors_mod
     from pipeline.bench import bench_scale
 
-    settings = api.settings_for(**options)
-    db = catalog_mod.open_reader(settings["catalog"])
-    ids = catalog_mod.indexed_ids(db)
+    coll = api.open_collection(api.settings_for(**options))
+    ids = coll.indexed_ids()
     if len(ids) < 50:
         raise CbirError("bench scale needs a catalog with at least 50 indexed images to imitate")
-    real = vectors_mod.read(
-        vectors_mod.vectors_path(settings["catalog"]),
-        catalog_mod.dimension(db),
-        catalog_mod.next_id(db),
-        ids,
-    )
+    real = coll.vectors(ids)
     rows = bench_scale(real, sizes, kinds, out_dir, n_queries=n_queries, log=click.echo)
     click.echo(f"{len(rows)} rows -> {out_dir}/scale.csv, plots {out_dir}/recall-qps-SIZE.png")
 

@@ -1,17 +1,23 @@
-"""Opening a collection (catalog + vector file) to read or to write, and repairing it.
+"""The open collection: catalog, committed vector rows, index folder, model fingerprint.
 
-A writer holds the write lock, may create or migrate the schema, and repairs
-what an interrupted job (or an older cbir with a torn commit) left behind
-before it writes anything. A reader opens the catalog read-only and never
-changes a byte: uncommitted vector rows may belong to a batch that a running
-job is about to commit, and only rows below `next_id` count as committed.
+`reading(...)` opens one for reading: the catalog read-only (a connection per
+thread, so a web server can share it), never a byte written. `writing(...)`
+takes the write lock, creates or migrates the schema, and repairs what an
+interrupted job (or an older cbir with a torn commit) left behind before
+anything is written. Everything else takes a `Collection`; nothing else
+derives file paths, maps the vector file or checks a fingerprint.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import sqlite_utils
@@ -22,24 +28,153 @@ from pipeline.errors import CbirError
 log = logging.getLogger("cbir")
 
 
-def open_reader(catalog_path: str | Path) -> sqlite_utils.Database:
-    """Open read-only and check that the vector file holds every committed row."""
-    db = catalog.open_reader(catalog_path)
-    dim = catalog.dimension(db)
-    if dim:
-        vectors.check(vectors.vectors_path(catalog_path), dim, catalog.next_id(db))
-    return db
+class Collection:
+    """One collection, opened once and passed in (reader or writer)."""
+
+    def __init__(
+        self, catalog_path: str | Path, index_dir: str | Path, writer: bool, db, check: bool = True
+    ):
+        self.path = Path(catalog_path)
+        self.index_dir = Path(index_dir)
+        self.writer = writer
+        self.vectors_path = vectors.vectors_path(catalog_path)
+        self._db = db
+        self._local = threading.local()
+        self._local.db = db
+        self._rows_lock = threading.Lock()
+        self._index_lock = threading.Lock()  # loading an index maps rows: two locks, no deadlock
+        self._rows: tuple[int, np.ndarray] | None = None
+        self._indexes: dict[tuple[str, int, bool], tuple[Any, dict[str, Any]]] = {}
+        self.repaired: list[str] = []  # what the writer's repair did on opening
+        if check and not writer and self.dim:
+            vectors.check(self.vectors_path, self.dim, self.next_id)
+
+    # --- the catalog --------------------------------------------------------------------
+
+    @property
+    def db(self) -> sqlite_utils.Database:
+        """The catalog connection; a reader opens one per thread (sqlite3 objects stay in theirs)."""
+        if self.writer:
+            return self._db
+        db = getattr(self._local, "db", None)
+        if db is None:
+            db = self._local.db = catalog.open_reader(self.path)
+        return db
+
+    @property
+    def dim(self) -> int:
+        return catalog.dimension(self.db)
+
+    @property
+    def next_id(self) -> int:
+        return catalog.next_id(self.db)
+
+    @property
+    def generation(self) -> int:
+        return catalog.generation(self.db)
+
+    @property
+    def fingerprint(self) -> dict[str, Any] | None:
+        return catalog.fingerprint(self.db)
+
+    def indexed_ids(self) -> np.ndarray:
+        return catalog.indexed_ids(self.db)
+
+    # --- the vectors --------------------------------------------------------------------
+
+    def rows(self) -> np.ndarray:
+        """The committed rows of the vector file, memory-mapped (re-mapped as it grows)."""
+        committed = self.next_id
+        with self._rows_lock:
+            if self._rows is None or self._rows[0] != committed:
+                self._rows = (committed, vectors.open_rows(self.vectors_path, self.dim, committed))
+            return self._rows[1]
+
+    def vectors(self, ids) -> np.ndarray:
+        """Copies of the stored vectors of `ids` (committed ids only)."""
+        ids = np.asarray(ids, dtype=np.int64)
+        rows = self.rows()
+        if len(ids) and (ids.min() < 0 or ids.max() >= len(rows)):
+            raise CbirError(f"vector id out of range (0..{len(rows) - 1})")
+        return np.array(rows[ids], dtype=np.float32)
+
+    # --- the model ----------------------------------------------------------------------
+
+    def check_embedder(self, embedder) -> None:
+        """The one fingerprint check: vectors of different models never mix.
+
+        A writer on a catalog without a model adopts this one.
+        """
+        from pipeline.embed import describe_mismatch, fingerprint_json
+
+        stored, current = self.fingerprint, embedder.fingerprint
+        if stored is None:
+            if self.writer:
+                catalog.adopt_model(
+                    self.db, fingerprint_json(current), current["dimension"], embedder.source
+                )
+            return
+        if fingerprint_json(stored) != fingerprint_json(current):
+            hint = (
+                "use a new --catalog, or the same --weights"
+                if self.writer
+                else "pass the catalog's --weights"
+            )
+            raise CbirError(
+                "the model differs from the one that built the catalog "
+                f"({describe_mismatch(stored, current)}); {hint}"
+            )
+
+    # --- indexes ------------------------------------------------------------------------
+
+    def index(self, name: str, params: dict[str, float] | None = None, allow_stale: bool = False):
+        """(index, record, parameters in force) of a named index, loaded once per generation.
+
+        With explicit `params` the index is loaded afresh for the caller, so a
+        shared cached index never has its parameters changed under another thread.
+        """
+        from pipeline import indexes
+
+        if params:
+            return indexes.load(self, name, params, allow_stale)
+        key = (name, self.generation, allow_stale)
+        with self._index_lock:
+            if key not in self._indexes:
+                self._indexes = {k: v for k, v in self._indexes.items() if k[1] == key[1]}
+                index, record, _ = indexes.load(self, name, None, allow_stale)
+                self._indexes[key] = (index, record)
+            index, record = self._indexes[key]
+        return index, record, json.loads(record["params"] or "{}")
+
+    def close(self) -> None:
+        db = getattr(self._local, "db", None)
+        if db is not None:
+            db.conn.close()
+            self._local.db = None
 
 
-def open_writer(catalog_path: str | Path, create: bool = True) -> sqlite_utils.Database:
-    """Open to write (the caller holds `catalog.write_lock`), after repairing leftovers."""
-    db = catalog.open_writer(catalog_path, create=create)
-    repair(db, catalog_path)
-    return db
+def reading(catalog_path: str | Path, index_dir: str | Path, check: bool = True) -> Collection:
+    """Open read-only; `check` makes sure the vector file holds every committed row."""
+    return Collection(catalog_path, index_dir, False, catalog.open_reader(catalog_path), check)
 
 
-def repair(db: sqlite_utils.Database, catalog_path: str | Path) -> list[str]:
-    """Bring catalog and vector file back to one consistent state; returns what was done.
+@contextmanager
+def writing(
+    catalog_path: str | Path, index_dir: str | Path, create: bool = True
+) -> Iterator[Collection]:
+    """Hold the write lock, open to write, repair leftovers; closed on exit."""
+    with catalog.write_lock(catalog_path):
+        db = catalog.open_writer(catalog_path, create=create)
+        coll = Collection(catalog_path, index_dir, True, db)
+        coll.repaired = repair(coll)
+        try:
+            yield coll
+        finally:
+            db.conn.close()
+
+
+def repair(coll: Collection) -> list[str]:
+    """Bring catalog and vector file back to one consistent state (writers); returns what was done.
 
     - rows at or past `next_id` (a commit torn by an older cbir) or past the end of
       the vector file (their vectors were cut) are dropped, so their files are
@@ -48,15 +183,15 @@ def repair(db: sqlite_utils.Database, catalog_path: str | Path) -> list[str]:
     - indexed rows without a vector checksum (catalogs older than schema 3) get one;
     - runs left 'running' by a killed job are marked 'interrupted'.
     """
+    db, vec = coll.db, coll.vectors_path
     done: list[str] = []
     # Holding the lock, any run still 'running' belongs to a job that was killed.
     catalog.close_dead_runs(db)
-    dim = catalog.dimension(db)
+    dim = coll.dim
     if not dim:
         return done
-    vec = vectors.vectors_path(catalog_path)
-    committed = catalog.next_id(db)
-    indexed = len(catalog.indexed_ids(db))
+    committed = coll.next_id
+    indexed = len(coll.indexed_ids())
     if not vec.exists() and indexed:
         raise CbirError(
             f"vector file {vec} is missing but the catalog has {indexed} indexed images: "
@@ -84,7 +219,7 @@ def repair(db: sqlite_utils.Database, catalog_path: str | Path) -> list[str]:
             done.append(f"cut {cut} uncommitted vector rows left by an interrupted job")
     missing = [i for i, c in catalog.vector_crcs(db).items() if c is None]
     if missing:
-        rows = vectors.open_rows(vec, dim, committed)
+        rows = coll.rows()
         ids = np.asarray(sorted(missing), dtype=np.int64)
         crcs: dict[int, int] = {}
         for start in range(0, len(ids), 65536):
@@ -101,7 +236,7 @@ def repair(db: sqlite_utils.Database, catalog_path: str | Path) -> list[str]:
         )
     for line in done:
         if not line.startswith("cut "):  # routine after any kill; the rest is worth a notice
-            log.warning("repaired %s: %s", catalog_path, line)
+            log.warning("repaired %s: %s", coll.path, line)
     return done
 
 
@@ -114,11 +249,9 @@ def file_key(path: str) -> str | None:
     return f"{st.st_dev}:{st.st_ino}"
 
 
-def damaged_ids(db: sqlite_utils.Database, catalog_path: str | Path) -> list[int]:
+def damaged_ids(coll: Collection) -> list[int]:
     """Indexed ids whose vector row no longer matches its checksum (reads every row)."""
-    dim = catalog.dimension(db)
-    ids = catalog.indexed_ids(db)
-    if not dim or not len(ids):
+    ids = coll.indexed_ids()
+    if not coll.dim or not len(ids):
         return []
-    rows = vectors.open_rows(vectors.vectors_path(catalog_path), dim, catalog.next_id(db))
-    return vectors.damaged(rows, ids, catalog.vector_crcs(db))
+    return vectors.damaged(coll.rows(), ids, catalog.vector_crcs(coll.db))

@@ -10,6 +10,7 @@ builds its Click types from the same specs: each range is written once, here.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import numbers
 import os
@@ -20,31 +21,59 @@ from typing import Any
 
 from pipeline.errors import CbirError
 
-DEFAULTS: dict[str, Any] = {
+
+@dataclass(frozen=True)
+class Settings:
+    """Every setting of every command, typed, with its one default.
+
+    Loaded by `load_settings` (defaults < TOML file < CBIR_* variables <
+    flags, each value checked against `SPEC`); the CLI, the API, the server and
+    the benchmarks all read this one object. `configs/default.toml` lists the
+    same defaults (a test keeps the two equal).
+    """
+
     # where things live
-    "catalog": "catalog.db",
-    "index_dir": "index",
+    catalog: str = "catalog.db"
+    index_dir: str = "index"
     # the model
-    "weights": "imagenet",
-    "pooling": "avg",
-    "batch_size": 32,
+    weights: str = "imagenet"
+    pooling: str = "avg"
+    batch_size: int = 32
     # decoding
-    "workers": 2,
-    "max_pixels": 89_478_485,
+    workers: int = 2
+    max_pixels: int = 89_478_485
     # indexing
-    "labels": "folder",
-    "split": "",
-    "prune": False,
-    "strict": False,
-    "retry_failed": False,
+    labels: str = "folder"
+    split: str = ""
+    prune: bool = False
+    strict: bool = False
+    retry_failed: bool = False
     # search
-    "k": 10,
-    "index": "exact",
-    "rerank": "",
-    "rerank_n": 10,
-    "rerank_alpha": 3.0,
-    "shortlist": 100,
+    k: int = 10
+    index: str = "exact"
+    rerank: str = ""
+    rerank_n: int = 10
+    rerank_alpha: float = 3.0
+    shortlist: int = 100
+    # the folders a config file indexes when `cbir index` is given none
+    roots: tuple[str, ...] = ()
+
+    def replace(self, **changes: Any) -> Settings:
+        return dataclasses.replace(self, **changes)
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# The defaults as a dict (without roots), as configs/default.toml writes them.
+DEFAULTS: dict[str, Any] = {
+    f.name: f.default for f in dataclasses.fields(Settings) if f.name != "roots"
 }
+POOLINGS = ("avg", "gem")
+RERANK_METHODS = ("dba", "aqe")  # in the order they apply: DBA first, then QE on its vectors
+EVALUATION_METHODS = ("resnet50", "color", "hybrid")
+MAX_MEMORY = "2GB"  # build-index --auto's default memory budget
+MAX_UPLOAD_MB = 20.0  # cbir serve's default upload limit
 
 # Variables that scripts rely on; each maps to one settings key.
 ENV_VARS = {
@@ -101,7 +130,7 @@ SPEC: dict[str, Spec] = {
     "catalog": Spec("path"),
     "index_dir": Spec("path"),
     "weights": Spec("path"),
-    "pooling": Spec("choice", choices=("avg", "gem")),
+    "pooling": Spec("choice", choices=POOLINGS),
     # A batch of 1024 is ~600 MB of float32 pixels plus the model's activations.
     "batch_size": Spec("int", 1, 1024),
     "workers": Spec("int", 1, 64),
@@ -119,10 +148,9 @@ SPEC: dict[str, Spec] = {
     "rerank_alpha": Spec("float", 0, 100),
     "shortlist": Spec("int", 1, 10_000),
     "roots": Spec("roots"),
-    # API-only options that are merged into the settings too.
-    "relevant": Spec("ids", ID.lo, ID.hi),
-    "not_relevant": Spec("ids", ID.lo, ID.hi),
 }
+# Relevance feedback: ids the user marked (per query, not settings).
+FEEDBACK_IDS = Spec("ids", ID.lo, ID.hi)
 
 # Search parameters (--param NAME=VALUE). FAISS casts them to C integers, so
 # NaN, infinities and huge values would become garbage; cbir's own `refine`
@@ -217,7 +245,7 @@ def check(key: str, value: Any, where: str = "", spec: Spec | None = None) -> An
     if not _fits(value, spec):
         raise CbirError(f"{where}{key} must be {spec.allowed()}, got {_shown(value)}")
     if spec.kind == "rerank" and value:
-        from pipeline.search import parse_rerank  # imports FAISS: only when asked for
+        from pipeline.ranking import parse_rerank  # imports FAISS: only when asked for
 
         try:
             parse_rerank(value)
@@ -243,20 +271,20 @@ def search_param(key: str, value: Any) -> float:
     return number
 
 
-def validate(settings: dict[str, Any], where: str = "") -> dict[str, Any]:
+def validate(values: dict[str, Any], where: str = "") -> dict[str, Any]:
     """Check every known key of merged settings, and how they go together."""
-    for key, value in settings.items():
+    for key, value in values.items():
         if key in SPEC:
-            settings[key] = check(key, value, where)
-    if settings.get("rerank") and settings.get("shortlist", 0) < settings.get("k", 0):
-        from pipeline.search import parse_rerank
+            values[key] = check(key, value, where)
+    if values.get("rerank") and values.get("shortlist", 0) < values.get("k", 0):
+        from pipeline.ranking import parse_rerank
 
-        if parse_rerank(settings["rerank"]):  # "none" re-ranks nothing
+        if parse_rerank(values["rerank"]):  # "none" re-ranks nothing
             raise CbirError(
-                f"{where}shortlist ({settings['shortlist']}) must be at least k ({settings['k']}) "
+                f"{where}shortlist ({values['shortlist']}) must be at least k ({values['k']}) "
                 "when re-ranking: raise --shortlist or lower -k"
             )
-    return settings
+    return values
 
 
 def read_toml(path: str | Path) -> dict[str, Any]:
@@ -283,16 +311,21 @@ def read_toml(path: str | Path) -> dict[str, Any]:
 
 def load_settings(
     config_file: str | Path | None = None, flags: dict[str, Any] | None = None
-) -> dict[str, Any]:
-    """Merge defaults < config file < CBIR_* variables < flags (None = not given), then check."""
-    settings = dict(DEFAULTS)
+) -> Settings:
+    """Merge defaults < config file < CBIR_* variables < flags (None = not given), then check.
+
+    Flags that are not settings (a command's own options) are ignored here.
+    """
+    values = dict(DEFAULTS)
     config_file = config_file or os.environ.get("CBIR_CONFIG")
     if config_file:
-        settings.update(read_toml(config_file))
+        values.update(read_toml(config_file))
     for var, key in ENV_VARS.items():
         if key and os.environ.get(var):
-            settings[key] = check(key, os.environ[var], f"{var}: ")
+            values[key] = check(key, os.environ[var], f"{var}: ")
     for key, value in (flags or {}).items():
-        if value is not None and value != ():
-            settings[key] = value
-    return validate(settings)
+        if key in SPEC and value is not None and value != ():
+            values[key] = value
+    values = validate(values)
+    values["roots"] = tuple(str(r) for r in values.get("roots", ()))
+    return Settings(**values)

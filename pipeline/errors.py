@@ -25,6 +25,14 @@ class CbirError(Exception):
         self.exit_code = exit_code
 
 
+class NotFoundError(CbirError):
+    """A catalog id, index or file that does not exist (HTTP 404)."""
+
+
+class StaleIndexError(CbirError):
+    """An approximate index older than the catalog: rebuild it (HTTP 409)."""
+
+
 def _log_file(catalog: str | None) -> Path:
     """Where a traceback goes: beside the catalog, or the temp folder if that is not writable."""
     catalog = catalog or os.environ.get("CBIR_CATALOG") or "catalog.db"

@@ -18,18 +18,18 @@ import faiss
 import numpy as np
 from tqdm import tqdm
 
-from pipeline import catalog, collection, color, indexes, metrics, vectors
+from pipeline import catalog, color, indexes, metrics
+from pipeline.collection import Collection
+from pipeline.config import EVALUATION_METHODS, Settings
 from pipeline.decode import DecodeError, decode_file
 from pipeline.embed import l2_normalize
 from pipeline.errors import CbirError
+from pipeline.ranking import ranked, rerank_from
 from pipeline.scan import read_label_csv, scan
-from pipeline.search import ranked, rerank_from
 
 # Rankings held at once while evaluating: queries per block x database size.
 # 4M entries of (id, score) is about 50 MB, whatever the collection size.
 BLOCK_ENTRIES = 4_000_000
-
-METHODS = ("resnet50", "color", "hybrid")
 
 
 @dataclass
@@ -105,7 +105,8 @@ def descriptors(
 
 
 def evaluate(
-    settings: dict[str, Any],
+    coll: Collection,
+    settings: Settings,
     source: str | None = None,
     leave_one_out: bool = False,
     method: str = "resnet50",
@@ -114,15 +115,15 @@ def evaluate(
     embed=None,
 ) -> dict[str, Any]:
     """Evaluate the catalog against labelled queries; returns metrics and every ranking."""
-    if method not in METHODS:
-        raise CbirError(f"unknown method {method!r}: use {', '.join(METHODS)}")
+    if method not in EVALUATION_METHODS:
+        raise CbirError(f"unknown method {method!r}: use {', '.join(EVALUATION_METHODS)}")
     if not 0.0 <= float(hybrid_weight) <= 1.0:
         raise CbirError(f"hybrid weight must be between 0 and 1, got {hybrid_weight}")
     if index_name and index_name != indexes.EXACT and method != "resnet50":
         raise CbirError("--index evaluates the catalog's ResNet50 vectors: use --method resnet50")
     how = rerank_from(settings)
-    db = collection.open_reader(settings["catalog"])
-    ids = catalog.indexed_ids(db)
+    db = coll.db
+    ids = coll.indexed_ids()
     if not len(ids):
         raise CbirError("the catalog has no indexed images")
     rows = catalog.lookup(db, ids)
@@ -130,10 +131,9 @@ def evaluate(
     db_paths = [rows[int(i)]["path"] for i in ids]
     if not any(db_labels):
         raise CbirError("the catalog has no labels: index with --labels folder or a label CSV")
-    dim = catalog.dimension(db)
-    deep_db = vectors.read(vectors.vectors_path(settings["catalog"]), dim, catalog.next_id(db), ids)
+    deep_db = coll.vectors(ids)
     queries = load_queries(db, source, leave_one_out)
-    max_pixels = int(settings["max_pixels"])
+    max_pixels = settings.max_pixels
 
     db_desc, db_ok = descriptors(method, db_paths, deep_db, embed, max_pixels, hybrid_weight)
     if leave_one_out:
@@ -161,15 +161,8 @@ def evaluate(
         result["rerank_n"], result["rerank_alpha"] = how.n, how.alpha
     approx = None
     if index_name and index_name != indexes.EXACT:
-        from pipeline.search import catalog_lookup
-
-        approx, _, in_force = indexes.load(
-            db, settings["catalog"], settings["index_dir"], index_name
-        )
-        approx_lookup, refine = (
-            catalog_lookup(db, settings["catalog"]),
-            int(in_force.get("refine", 1)),
-        )
+        approx, _, in_force = coll.index(index_name)
+        approx_lookup, refine = coll.vectors, int(in_force.get("refine", 1))
         result["index"] = index_name
 
     label_of = dict(zip(db_ids.tolist(), db_labels.tolist(), strict=True))

@@ -13,7 +13,6 @@ import errno
 import json
 import os
 import re
-import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -22,7 +21,8 @@ import faiss
 import numpy as np
 
 from pipeline import catalog, config, faults, vectors
-from pipeline.errors import CbirError
+from pipeline.errors import CbirError, StaleIndexError
+from pipeline.exact import VectorFileExact
 
 EXACT = "exact"
 EXACT_FACTORY = "Flat"
@@ -166,17 +166,13 @@ def fill(
         ) from None
 
 
-def build(
-    db, catalog_path: str | Path, factory: str, params: dict[str, float] | None = None
-) -> faiss.Index:
-    """Build an index from the catalog's indexed vectors (train, then add in chunks)."""
-    dim = catalog.dimension(db)
-    ids = catalog.indexed_ids(db)
-    if dim == 0 or len(ids) == 0:
+def build(coll, factory: str, params: dict[str, float] | None = None) -> faiss.Index:
+    """Build an index from the collection's indexed vectors (train, then add in chunks)."""
+    ids = coll.indexed_ids()
+    if coll.dim == 0 or len(ids) == 0:
         raise CbirError("the catalog has no indexed images yet: run 'cbir index FOLDER' first")
-    rows = vectors.open_rows(vectors.vectors_path(catalog_path), dim, catalog.next_id(db))
-    index = make_index(factory, dim)
-    fill(index, rows, ids, factory, catalog.vector_crcs(db))
+    index = make_index(factory, coll.dim)
+    fill(index, coll.rows(), ids, factory, catalog.vector_crcs(coll.db))
     if params:
         apply_params(index, params)
     return index
@@ -214,54 +210,18 @@ def write_atomic(index: faiss.Index, path: Path) -> int:
     return path.stat().st_size
 
 
-def build_and_save(
-    db,
-    catalog_path: str | Path,
-    index_dir: str | Path,
-    name: str,
-    factory: str,
-    params: dict[str, float] | None = None,
-    target_recall: float | None = None,
-    note: str | None = None,
-) -> dict[str, Any]:
-    """Build, persist and record an index with its measured recall@10; returns the record.
+def save(coll, name: str, index: faiss.Index, record: dict[str, Any]) -> dict[str, Any]:
+    """Persist `index` under a new file and commit its record; the record switches indexes.
 
-    With `target_recall`, search parameters (nprobe, efSearch) are raised
-    until the measured recall@10 reaches it.
+    Older files of this name (and temporaries of builds that crashed) are
+    removed after the commit: nobody's any more, and this writer holds the lock.
     """
-    from pipeline import autoindex
-
-    index_path(index_dir, name)  # refuse a bad name before any work
-    gen = catalog.generation(db)
-    started = time.perf_counter()
-    index = build(db, catalog_path, factory, params)
-    seconds = time.perf_counter() - started
-    params = dict(params or {})
-    recall = 1.0
-    if factory != EXACT_FACTORY:
-        probe = autoindex.recall_probe(db, catalog_path)
-        if target_recall:
-            params = autoindex.tune(index, probe, target_recall, params)
-        recall = autoindex.measure_recall(index, probe, params)
-    path = Path(index_dir) / f"{name}+{uuid.uuid4().hex[:12]}.faiss"
+    index_path(coll.index_dir, name)  # refuse a bad name before any work
+    path = coll.index_dir / f"{name}+{uuid.uuid4().hex[:12]}.faiss"
     size = write_atomic(index, path)
-    record = {
-        "name": name,
-        "factory": factory,
-        "params": json.dumps(params or {}),
-        "generation": gen,
-        "ntotal": int(index.ntotal),
-        "bytes": size,
-        "build_seconds": round(seconds, 3),
-        "built_at": catalog.now(),
-        "recall_at_10": round(recall, 4),
-        "note": note,
-        "file": path.name,
-    }
-    catalog.save_index_record(db, record)
-    # Committed: the new file is the index. Older files of this name (and temporaries
-    # of builds that crashed) are nobody's any more; this writer holds the lock.
-    for old in _own_files(Path(index_dir), name):
+    record = {**record, "name": name, "ntotal": int(index.ntotal), "bytes": size, "file": path.name}
+    catalog.save_index_record(coll.db, record)
+    for old in _own_files(coll.index_dir, name):
         if old != path:
             with contextlib.suppress(OSError):
                 old.unlink()
@@ -269,8 +229,8 @@ def build_and_save(
     return record
 
 
-def is_stale(db, record: dict[str, Any] | None) -> bool:
-    return record is None or record["generation"] != catalog.generation(db)
+def is_stale(coll, record: dict[str, Any] | None) -> bool:
+    return record is None or record["generation"] != coll.generation
 
 
 def matches_file(record: dict[str, Any] | None, path: Path) -> bool:
@@ -287,58 +247,47 @@ def matches_file(record: dict[str, Any] | None, path: Path) -> bool:
 
 
 def load(
-    db,
-    catalog_path: str | Path,
-    index_dir: str | Path,
+    coll,
     name: str,
     params: dict[str, float] | None = None,
     allow_stale: bool = False,
     mmap: bool | None = None,
-) -> tuple[faiss.Index, dict[str, Any], dict[str, float]]:
+) -> tuple[Any, dict[str, Any], dict[str, float]]:
     """Load an index for searching; returns (index, record, search parameters in force).
 
-    The exact index is rebuilt in memory when missing or stale (it is a plain
-    copy of the vectors); an approximate one that is stale is refused. Files
+    The exact index is rebuilt in memory when missing, stale or damaged (it is
+    a plain copy of the vectors), and from EXACT_FROM_FILE_BYTES on it is the
+    vector file itself; an approximate one that is stale is refused. Files
     over MMAP_BYTES (or with mmap=True) are memory-mapped where the index
     type allows, so a large index costs page cache, not private memory.
     """
-    record = catalog.index_record(db, name)
-    path = index_path(index_dir, name, record)
-    dim, ids = catalog.dimension(db), catalog.indexed_ids(db)
+    record = catalog.index_record(coll.db, name)
+    path = index_path(coll.index_dir, name, record)
+    dim, ids = coll.dim, coll.indexed_ids()
+    exact_record = {"name": EXACT, "factory": EXACT_FACTORY, "params": "{}"}
     if name == EXACT and len(ids) * dim * 4 >= EXACT_FROM_FILE_BYTES:
-        rows = vectors.open_rows(vectors.vectors_path(catalog_path), dim, catalog.next_id(db))
-        index = VectorFileExact(rows, ids)
-        record = {
-            "name": EXACT,
-            "factory": "vector file",
-            "params": "{}",
-            "generation": catalog.generation(db),
-        }
+        index: Any = VectorFileExact(coll.rows(), ids)
+        record = {**exact_record, "factory": "vector file", "generation": coll.generation}
     elif name == EXACT:
         # Derived and cheap: when missing, stale or damaged, rebuilt in memory.
         index = None
-        if not is_stale(db, record) and matches_file(record, path):
+        if not is_stale(coll, record) and matches_file(record, path):
             with contextlib.suppress(CbirError):
                 index = _read_checked(path, record, dim, mmap)
         if index is None:
-            index = build(db, catalog_path, EXACT_FACTORY)
-            record = {
-                "name": EXACT,
-                "factory": EXACT_FACTORY,
-                "params": "{}",
-                "generation": catalog.generation(db),
-            }
+            index = build(coll, EXACT_FACTORY)
+            record = {**exact_record, "generation": coll.generation}
     else:
         if record is None:
-            known = ", ".join(r["name"] for r in catalog.index_records(db)) or "none"
+            known = ", ".join(r["name"] for r in catalog.index_records(coll.db)) or "none"
             raise CbirError(
                 f"no index named {name!r} (indexes: {known}); "
                 f"build it with 'cbir build-index {name} --factory ...'"
             )
-        if is_stale(db, record) and not allow_stale:
-            raise CbirError(
+        if is_stale(coll, record) and not allow_stale:
+            raise StaleIndexError(
                 f"index {name!r} is stale: built at catalog generation {record['generation']}, "
-                f"catalog is now at {catalog.generation(db)}; run 'cbir build-index {name}' to refresh"
+                f"catalog is now at {coll.generation}; run 'cbir build-index {name}' to refresh"
             )
         if not path.exists():
             raise CbirError(
@@ -377,24 +326,6 @@ MMAP_BYTES = 1 << 30
 # index would be a second copy that, beside the first, no longer stays in the
 # page cache (measured at 1M x 2048: 2.6 QPS from the copy, 11.5 from the file).
 EXACT_FROM_FILE_BYTES = 2 << 30
-
-
-class VectorFileExact:
-    """Exact inner-product search straight over the memory-mapped vector file.
-
-    Offers the two members `search.ranked` uses (ntotal, search), so exact
-    search keeps the one interface without holding the vectors twice.
-    """
-
-    def __init__(self, rows: np.ndarray, ids: np.ndarray):
-        self.rows, self.ids, self.ntotal = rows, np.asarray(ids, dtype=np.int64), len(ids)
-
-    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        from pipeline.autoindex import exact_top_k
-
-        found = exact_top_k(self.rows, self.ids, np.asarray(queries, dtype=np.float32), k)
-        # Scores are recomputed from the stored vectors by the caller.
-        return np.zeros(found.shape, dtype=np.float32), found
 
 
 def read(path: Path, mmap: bool | None = None) -> faiss.Index:

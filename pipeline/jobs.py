@@ -15,15 +15,15 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from pipeline import catalog, collection, indexes, vectors
+from pipeline.collection import Collection
+from pipeline.config import Settings
 from pipeline.decode import Decoded, DecodeError, decode_file
-from pipeline.embed import Embedder, describe_mismatch, fingerprint_json
-from pipeline.errors import CbirError
+from pipeline.embed import Embedder
 from pipeline.scan import ScannedFile, scan
 
 
@@ -46,20 +46,6 @@ class Summary:
 
     def counts(self) -> dict[str, int]:
         return {k: v for k, v in self.__dict__.items() if isinstance(v, int)}
-
-
-def check_fingerprint(db, embedder: Embedder) -> None:
-    """Refuse to mix vectors from different models; adopt the model on a new catalog."""
-    stored = catalog.fingerprint(db)
-    current = embedder.fingerprint
-    if stored is None:
-        catalog.adopt_model(db, fingerprint_json(current), current["dimension"], embedder.source)
-        return
-    if fingerprint_json(stored) != fingerprint_json(current):
-        raise CbirError(
-            "the catalog's vectors were made by a different model or preprocessing "
-            f"({describe_mismatch(stored, current)}); use a new --catalog, or the same --weights"
-        )
 
 
 @dataclass
@@ -167,61 +153,57 @@ def _row(
 
 def run_index(
     roots: list[str],
-    catalog_path: str | Path,
-    index_dir: str | Path,
+    coll: Collection,
     load_model: Callable[[], Embedder],
-    settings: dict[str, Any],
+    settings: Settings,
     progress: Callable[[int], Any] | None = None,
     on_total: Callable[[int], Any] | None = None,
 ) -> Summary:
-    """Index `roots` into the catalog; returns what was done.
+    """Index `roots` into a collection opened for writing; returns what was done.
 
-    `load_model` is called only when there is something to extract, so a
-    rerun with nothing new never pays for TensorFlow.
+    `load_model` is called only when some file needs embedding (and checks the
+    model against the catalog's fingerprint), so a rerun with nothing new, or
+    new files that are all copies of indexed ones, never pays for the model.
     """
+    from pipeline import autoindex
+
     summary = Summary()
-    with catalog.write_lock(catalog_path):
-        db = collection.open_writer(catalog_path)
-        run_id = catalog.start_run(db, "index", {"roots": roots, **settings})
-        try:
-            _index_into(
-                db, roots, catalog_path, load_model, settings, summary, run_id, progress, on_total
-            )
-            if catalog.dimension(db) and len(catalog.indexed_ids(db)):
-                indexes.build_and_save(
-                    db, catalog_path, index_dir, indexes.EXACT, indexes.EXACT_FACTORY
-                )
-        except BaseException:
-            # A full disk fails this too: the first error is the one to tell.
-            with contextlib.suppress(Exception):
-                catalog.end_run(db, run_id, "failed", summary.counts())
-            raise
-        catalog.end_run(db, run_id, "done", summary.counts())
+    db = coll.db
+    run_id = catalog.start_run(db, "index", {**settings.as_dict(), "roots": roots})
+    try:
+        _index_into(coll, roots, load_model, settings, summary, run_id, progress, on_total)
+        if coll.dim and len(coll.indexed_ids()):
+            autoindex.build_and_save(coll, indexes.EXACT, indexes.EXACT_FACTORY)
+    except BaseException:
+        # A full disk fails this too: the first error is the one to tell.
+        with contextlib.suppress(Exception):
+            catalog.end_run(db, run_id, "failed", summary.counts())
+        raise
+    catalog.end_run(db, run_id, "done", summary.counts())
     return summary
 
 
-def _index_into(db, roots, catalog_path, load_model, settings, summary, run_id, progress, on_total):
+def _index_into(coll, roots, load_model, settings, summary, run_id, progress, on_total):
+    db = coll.db
     missing: list[str] = []
-    scanned = list(
-        scan(roots, labels=settings["labels"], split=settings.get("split", ""), missing=missing)
-    )
+    scanned = list(scan(roots, labels=settings.labels, split=settings.split, missing=missing))
     summary.scanned, summary.missing = len(scanned), len(missing)
-    plan = _plan(db, scanned, settings["retry_failed"])
+    plan = _plan(db, scanned, settings.retry_failed)
     summary.unchanged, summary.aliases = plan.unchanged, plan.aliases
     if plan.relabel:
         catalog.update_labels(db, plan.relabel)
         summary.relabelled = len(plan.relabel)
-    if settings["prune"]:
+    if settings.prune:
         summary.pruned = _prune(db, roots, {f.path for f in scanned})
     if on_total:
         on_total(len(plan.todo))
     if not plan.todo:
         return
-    job = _Batches(db, catalog_path, load_model, plan, run_id, summary)
-    batch_size = int(settings["batch_size"])
+    job = _Batches(coll, load_model, plan, run_id, summary)
+    batch_size = settings.batch_size
     batch: list[tuple[ScannedFile, Decoded | DecodeError]] = []
     stream = _decoded_stream(
-        plan.todo, settings["workers"], int(settings["max_pixels"]), lookahead=4 * batch_size
+        plan.todo, settings.workers, settings.max_pixels, lookahead=4 * batch_size
     )
     for item in stream:
         batch.append(item)
@@ -244,23 +226,29 @@ class _Batches:
     for it. A new catalog learns its dimension from the model, so it loads first.
     """
 
-    def __init__(self, db, catalog_path, load_model: Callable[[], Embedder], plan, run_id, summary):
-        self.db, self.plan, self.run_id, self.summary = db, plan, run_id, summary
+    def __init__(self, coll: Collection, load_model: Callable[[], Embedder], plan, run_id, summary):
+        self.coll, self.db, self.plan, self.run_id, self.summary = (
+            coll,
+            coll.db,
+            plan,
+            run_id,
+            summary,
+        )
         self.load_model = load_model
         self.embedder: Embedder | None = None
-        self.vec_path = vectors.vectors_path(catalog_path)
+        self.vec_path = coll.vectors_path
         self.seen_sha: dict[str, int] = {}  # sha -> id indexed earlier in this run
-        if not catalog.dimension(db):
+        if not coll.dim:
             self.model()
-            # open_writer could not recover a catalog that had no dimension yet: a
+            # The writer's repair could not cut a catalog that had no dimension yet: a
             # vector file left beside a deleted catalog would otherwise be appended to.
-            vectors.recover(self.vec_path, catalog.dimension(db), catalog.next_id(db))
-        self.dim = catalog.dimension(db)
+            vectors.recover(self.vec_path, coll.dim, coll.next_id)
+        self.dim = coll.dim
 
     def model(self) -> Embedder:
         if self.embedder is None:
             self.embedder = self.load_model()
-            check_fingerprint(self.db, self.embedder)
+            self.coll.check_embedder(self.embedder)  # adopts it on a new catalog
         return self.embedder
 
     def commit(self, batch: list[tuple[ScannedFile, Decoded | DecodeError]]) -> None:
@@ -291,7 +279,7 @@ class _Batches:
             if twin >= start:
                 in_batch.append((offset, twin - start))
             else:
-                out[offset] = vectors.read(self.vec_path, dim, start, [twin])[0]
+                out[offset] = self.coll.vectors([twin])[0]
             self.seen_sha.setdefault(result.sha256, twin)
         if to_embed:
             pixels = np.stack([batch[i][1].pixels for i in to_embed])

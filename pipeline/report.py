@@ -3,57 +3,27 @@
 `write_report(result, out_dir)` takes what `pipeline.evaluation.evaluate`
 returns and writes `index.html` (the figures, the per-class table, and for a
 sample of queries the query and its top 10 marked relevant or not),
-`per_class.png` (per-class mAP and P@10) and `thumbs/` (one JPEG per image).
-No JavaScript, no external resources: the folder can be copied anywhere.
+`per_class.png` (per-class mAP and P@10) and `thumbs/` (one JPEG per image),
+rendering `templates/report.html` with Jinja (autoescaped). No JavaScript, no
+external resources: the folder can be copied anywhere.
 """
 
 from __future__ import annotations
 
 import hashlib
-import html
 from pathlib import Path
 from typing import Any
 
-from PIL import Image, ImageDraw, ImageOps
+import jinja2
+import markupsafe
+
+from pipeline.catalog import shown
+from pipeline.config import Settings
+from pipeline.thumbs import placeholder_bytes, thumbnail_bytes
 
 THUMB_SIZE = 160  # pixels on the longer side
 THUMBS = "thumbs"
 CHART = "per_class.png"
-
-CSS = """
-body { font-family: system-ui, sans-serif; margin: 24px; color: #222; }
-h1 { margin-bottom: 4px; }
-table { border-collapse: collapse; margin: 12px 0; }
-th, td { border: 1px solid #ccc; padding: 3px 10px; }
-td.num, th.num { text-align: right; font-variant-numeric: tabular-nums; }
-table.summary th { text-align: left; background: #f4f4f4; }
-tr.total td { font-weight: bold; background: #f4f4f4; }
-img.chart { max-width: 100%; border: 1px solid #ddd; }
-.query { display: flex; gap: 18px; align-items: flex-start; padding: 14px 0;
-         border-top: 1px solid #ddd; }
-.results { display: grid; grid-template-columns: repeat(5, 176px); gap: 8px; }
-figure { margin: 0; width: 176px; font-size: 12px; }
-figure img { display: block; width: 164px; height: 164px; object-fit: contain;
-             background: #eee; border: 6px solid #999; }
-figure.query-image img { border-color: #1f5fbf; }
-figure.rel img { border-color: #1a9c3a; }
-figure.irr img { border-color: #d0302f; }
-figcaption { margin-top: 3px; line-height: 1.35; overflow-wrap: anywhere; }
-.mark { font-weight: bold; }
-figure.rel .mark { color: #137a2c; }
-figure.irr .mark { color: #b3201f; }
-.path { color: #666; }
-"""
-
-
-def _esc(value: Any) -> str:
-    """Text made safe for HTML content and attribute values."""
-    return html.escape("" if value is None else str(value), quote=True)
-
-
-def _label(value: Any) -> str:
-    """An escaped label that may wrap after its underscores."""
-    return _esc(value).replace("_", "_<wbr>")
 
 
 def _thumb_name(path: str) -> str:
@@ -61,24 +31,13 @@ def _thumb_name(path: str) -> str:
     return hashlib.sha1(path.encode("utf-8", "surrogateescape")).hexdigest() + ".jpg"
 
 
-def _placeholder() -> Image.Image:
-    """A small grey image standing in for one that cannot be opened."""
-    img = Image.new("RGB", (THUMB_SIZE, THUMB_SIZE * 3 // 4), (170, 170, 170))
-    ImageDraw.Draw(img).text((10, 10), "no image", fill=(70, 70, 70))
-    return img
-
-
-def make_thumbnail(path: str, dest: Path) -> bool:
+def make_thumbnail(path: str, dest: Path, max_pixels: int) -> bool:
     """Write a JPEG thumbnail of `path` to `dest` (a placeholder if it fails); True if real."""
     try:
-        with Image.open(path) as im:
-            im.draft("RGB", (THUMB_SIZE, THUMB_SIZE))  # fast JPEG downscale; no-op otherwise
-            img = ImageOps.exif_transpose(im).convert("RGB")
-        img.thumbnail((THUMB_SIZE, THUMB_SIZE))
-        ok = True
+        data, ok = thumbnail_bytes(path, max_pixels, THUMB_SIZE), True
     except Exception:  # any unreadable image: missing, truncated, not an image, too big
-        img, ok = _placeholder(), False
-    img.save(dest, "JPEG", quality=85)
+        data, ok = placeholder_bytes(THUMB_SIZE), False
+    dest.write_bytes(data)
     return ok
 
 
@@ -120,7 +79,7 @@ def write_chart(result: dict[str, Any], dest: Path) -> None:
     fig.savefig(dest, format="png")
 
 
-def _summary(result: dict[str, Any]) -> str:
+def _summary(result: dict[str, Any]) -> list[tuple[str, Any]]:
     """The header table: settings and the overall figures."""
     rerank = str(result["rerank"])
     if "rerank_n" in result:
@@ -139,48 +98,30 @@ def _summary(result: dict[str, Any]) -> str:
         rows.append(
             (f"recall@10 of index {result.get('index', '')}", f"{result['recall_at_10']:.4f}")
         )
-    body = "".join(f"<tr><th>{_esc(k)}</th><td>{_esc(v)}</td></tr>" for k, v in rows)
-    return f'<table class="summary">{body}</table>'
+    return rows
 
 
-def _class_table(result: dict[str, Any]) -> str:
-    """The per-class table, with the overall figures as its last row."""
-    head = '<tr><th>class</th><th class="num">queries</th><th class="num">mAP</th><th class="num">P@10</th></tr>'
-    rows = [
-        f'<tr><td>{_esc(label)}</td><td class="num">{c["queries"]}</td>'
-        f'<td class="num">{c["map"]:.4f}</td><td class="num">{c["p_at_10"]:.4f}</td></tr>'
-        for label, c in result["per_class"].items()
-    ]
-    rows.append(
-        f'<tr class="total"><td>all</td><td class="num">{result["queries"]}</td>'
-        f'<td class="num">{result["map"]:.4f}</td><td class="num">{result["p_at_10"]:.4f}</td></tr>'
+def _environment() -> jinja2.Environment:
+    env = jinja2.Environment(
+        loader=jinja2.PackageLoader("pipeline", "templates"),
+        autoescape=True,
+        # A file name that is not UTF-8 is shown with U+FFFD: a page cannot hold raw bytes.
+        finalize=lambda v: shown(v) if isinstance(v, str) else v,
     )
-    return f"<table>{head}{''.join(rows)}</table>"
-
-
-def _query_block(q: dict[str, Any], src: dict[str, str]) -> str:
-    """One query: its thumbnail, then its top 10 in rank order, each marked."""
-    name = Path(q["query"]).name
-    query_fig = (
-        f'<figure class="query-image"><img src="{_esc(src[q["query"]])}" alt="query {_esc(name)}" '
-        f'title="{_esc(q["query"])}"><figcaption><b>query</b><br>{_label(q["label"])}<br>'
-        f'<span class="path">{_esc(name)}</span><br>AP {q["ap"]:.3f} · P@10 {q["p_at_10"]:.2f}'
-        "</figcaption></figure>"
+    env.filters["basename"] = lambda p: Path(p).name
+    # Long labels may wrap after their underscores.
+    env.filters["wrappable"] = lambda v: markupsafe.escape(shown(str(v))).replace(
+        "_", markupsafe.Markup("_<wbr>")
     )
-    figs = []
-    for rank, r in enumerate(q["top10"], 1):
-        rel = r["label"] == q["label"]
-        mark = "✓ relevant" if rel else "✗ not relevant"
-        figs.append(
-            f'<figure class="result {"rel" if rel else "irr"}">'
-            f'<img src="{_esc(src[r["path"]])}" alt="rank {rank}: {_esc(r["label"])}" '
-            f'title="{_esc(r["path"])}"><figcaption><b>#{rank}</b> · {r["score"]:.3f}<br>'
-            f'<span class="mark">{mark}</span><br>{_label(r["label"])}</figcaption></figure>'
-        )
-    return f'<div class="query">{query_fig}<div class="results">{"".join(figs)}</div></div>'
+    return env
 
 
-def write_report(result: dict[str, Any], out_dir: str | Path, per_class: int = 2) -> Path:
+def write_report(
+    result: dict[str, Any],
+    out_dir: str | Path,
+    per_class: int = 2,
+    max_pixels: int = Settings().max_pixels,
+) -> Path:
     """Write the HTML report of an evaluation into `out_dir`; returns its index.html.
 
     Shows up to `per_class` queries per label (the first ones in per_query order).
@@ -193,34 +134,27 @@ def write_report(result: dict[str, Any], out_dir: str | Path, per_class: int = 2
         for path in [q["query"], *(r["path"] for r in q["top10"])]:
             if path not in src:
                 name = _thumb_name(path)
-                make_thumbnail(path, out / THUMBS / name)
+                make_thumbnail(path, out / THUMBS / name, max_pixels)
                 src[path] = f"{THUMBS}/{name}"
     write_chart(result, out / CHART)
 
     score_note = "cosine similarity to the query"
     if result["rerank"] != "none":
         score_note = f"cosine similarity after re-ranking ({result['rerank']})"
-    title = f"cbir evaluation: {result['method']}, rerank {result['rerank']}"
-    page = f"""<!DOCTYPE html>
-<html lang="en">
-<head>
-<meta charset="utf-8">
-<title>{_esc(title)}</title>
-<style>{CSS}</style>
-</head>
-<body>
-<h1>{_esc(title)}</h1>
-{_summary(result)}
-<h2>Per class</h2>
-{_class_table(result)}
-<img class="chart" src="{CHART}" alt="per-class mAP and P@10 bar chart">
-<h2>Sample queries ({len(samples)}: up to {per_class} per class, the first in query order)</h2>
-<p>Top 10 in rank order, each with its score: {_esc(score_note)}. Relevant (same label
-as the query): green border and ✓; not relevant: red border and ✗.</p>
-{"".join(_query_block(q, src) for q in samples)}
-</body>
-</html>
-"""
+    page = (
+        _environment()
+        .get_template("report.html")
+        .render(
+            title=f"cbir evaluation: {result['method']}, rerank {result['rerank']}",
+            summary=_summary(result),
+            result=result,
+            chart=CHART,
+            samples=samples,
+            per_class=per_class,
+            score_note=score_note,
+            src=src,
+        )
+    )
     index = out / "index.html"
-    index.write_text(page, encoding="utf-8")
+    index.write_text(page, encoding="utf-8", errors="surrogateescape")
     return index

@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import numpy as np
 
+from pipeline.config import Settings
 from pipeline.embed import l2_normalize
 
-# General defaults from the literature (alpha-QE, Radenovic et al.: alpha = 3,
-# a handful of neighbours). Collections with many images per concept gain from
-# more: pick `rerank_n` / `rerank_alpha` by leave-one-out on the database
-# (scripts/tune_rerank.py), never on held-out queries.
-DEFAULT_N, DEFAULT_ALPHA = 10, 3.0
+# The defaults (config.Settings) come from the literature (alpha-QE, Radenovic
+# et al.: alpha = 3, a handful of neighbours). Collections with many images per
+# concept gain from more: pick `rerank_n` / `rerank_alpha` by leave-one-out on
+# the database (scripts/tune_rerank.py), never on held-out queries.
+DEFAULT_ALPHA = Settings().rerank_alpha
 
 
 def weighted_neighbour_mean(neighbours: np.ndarray, scores: np.ndarray, alpha: float) -> np.ndarray:
@@ -62,12 +63,3 @@ def rocchio(
     if len(not_relevant):
         q = q - c * np.asarray(not_relevant, dtype=np.float32).mean(axis=0)
     return l2_normalize(q[None, :])[0]
-
-
-def top_n(scores: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
-    """Positions and values of the n best scores in each row, best first."""
-    n = min(n, scores.shape[1])
-    part = np.argpartition(-scores, n - 1, axis=1)[:, :n]
-    vals = np.take_along_axis(scores, part, axis=1)
-    order = np.argsort(-vals, axis=1, kind="stable")
-    return np.take_along_axis(part, order, axis=1), np.take_along_axis(vals, order, axis=1)

@@ -22,9 +22,12 @@ from typing import Any
 
 import numpy as np
 
-from pipeline import catalog, collection
+from pipeline import catalog
+from pipeline.collection import Collection
+from pipeline.config import Settings
 from pipeline.decode import DecodeError, decode_file
-from pipeline.embed import import_keras, preprocess
+from pipeline.embed import preprocess
+from pipeline.embed_keras import import_keras
 from pipeline.errors import CbirError
 
 SPLIT_LAYER = "conv4_block6_out"
@@ -96,7 +99,8 @@ def _build(weights: str, n_classes: int, scale: float = 16.0):
 
 
 def train(
-    settings: dict[str, Any],
+    coll: Collection,
+    settings: Settings,
     out: str | Path,
     epochs: int = 15,
     val_fraction: float = 0.2,
@@ -110,18 +114,18 @@ def train(
     out = Path(out)
     if not out.name.endswith(".weights.h5"):
         raise CbirError("the output file name must end in .weights.h5 (Keras weights format)")
-    db = collection.open_reader(settings["catalog"])
+    db = coll.db
     rows = training_rows(db)
     labels = sorted({r["label"] for r in rows})
     if len(labels) < 2:
         raise CbirError("training needs indexed images of at least two labels in the catalog")
-    weights = str(settings["weights"])
+    weights = settings.weights
     started = time.perf_counter()
 
     pixels, kept = [], []
     for r in rows:
         try:
-            pixels.append(decode(r["path"], int(settings["max_pixels"])).pixels)
+            pixels.append(decode(r["path"], settings.max_pixels).pixels)
             kept.append(r)
         except DecodeError as e:
             log(f"skipping {r['path']}: {e}")
@@ -134,7 +138,7 @@ def train(
     import_keras().utils.set_random_seed(seed)  # before the head's weights are drawn
     keras, base, lower, upper, head = _build(weights, len(labels))
     log(f"caching conv4 activations of {len(rows)} images ...")
-    batch = int(settings["batch_size"])
+    batch = settings.batch_size
     acts = np.concatenate(
         [
             np.asarray(lower.predict_on_batch(preprocess(np.stack(pixels[i : i + batch]))))
@@ -180,7 +184,7 @@ def train(
     record = {
         "weights_out": str(out.resolve()),
         "initial_weights": weights,
-        "catalog": str(Path(settings["catalog"]).resolve()),
+        "catalog": str(coll.path.resolve()),
         "labels": labels,
         "train_ids": [int(rows[i]["id"]) for i in train_pos],
         "val_ids": [int(rows[i]["id"]) for i in val_pos],

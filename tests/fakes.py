@@ -23,7 +23,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from pipeline import catalog, vectors  # noqa: E402
-from pipeline.embed import DIM, Embedder  # noqa: E402
+from pipeline.embed import DIM, Embedder, l2_normalize, preprocess  # noqa: E402
 
 FAKE_FINGERPRINT = {
     "architecture": "fake-projection (tests)",
@@ -50,8 +50,21 @@ class FakeModel:
         return np.abs(thumbs @ self.projection) + 1e-3
 
 
+class FakeEmbedder:
+    """Satisfies pipeline.embed.Embedder: unit vectors from the fake model, no TensorFlow."""
+
+    def __init__(self, batch_size: int = 32, delay: float = 0.0):
+        self.model = FakeModel(delay)
+        self.fingerprint = dict(FAKE_FINGERPRINT)
+        self.batch_size = batch_size
+        self.source = "imagenet"
+
+    def embed(self, pixels: np.ndarray) -> np.ndarray:
+        return l2_normalize(self.model.predict_on_batch(preprocess(pixels)))
+
+
 def fake_embedder(batch_size: int = 32, pooling: str = "avg", delay: float = 0.0) -> Embedder:
-    return Embedder(FakeModel(delay), dict(FAKE_FINGERPRINT), batch_size, "imagenet", "avg")
+    return FakeEmbedder(batch_size, delay)
 
 
 def install(delay: float = 0.0) -> None:

@@ -18,7 +18,7 @@ def test_default_toml_matches_code_defaults():
 
 def test_corel_config_loads():
     s = load_settings(ROOT / "configs" / "corel1k.toml")
-    assert s["split"] == "database" and s["roots"]
+    assert s.split == "database" and s.roots
 
 
 def test_precedence(tmp_path, monkeypatch):
@@ -27,9 +27,9 @@ def test_precedence(tmp_path, monkeypatch):
     monkeypatch.setenv("CBIR_CATALOG", "from-env.db")
     monkeypatch.delenv("CBIR_INDEX_DIR", raising=False)
     s = load_settings(cfg, {"k": None})
-    assert (s["catalog"], s["k"], s["index_dir"]) == ("from-env.db", 5, "file-index")
+    assert (s.catalog, s.k, s.index_dir) == ("from-env.db", 5, "file-index")
     s = load_settings(cfg, {"catalog": "from-flag.db", "k": 3})
-    assert (s["catalog"], s["k"]) == ("from-flag.db", 3)
+    assert (s.catalog, s.k) == ("from-flag.db", 3)
 
 
 def test_unknown_key_and_bad_toml_are_refused(tmp_path):

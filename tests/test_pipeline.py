@@ -246,7 +246,7 @@ def test_incremental_changes_duplicates_and_prune(tmp_path, weights, corel_db_ro
 
 
 def test_fingerprint_mismatch_is_refused(tmp_path, weights, corel_collection):
-    from pipeline.embed import import_keras
+    from pipeline.embed_keras import import_keras
 
     keras = import_keras()
     model = keras.applications.ResNet50(

@@ -14,19 +14,29 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import faiss
 import numpy as np
 
-from pipeline import catalog, rerank, vectors
+from pipeline import catalog, rerank
+from pipeline.config import RERANK_METHODS, Settings
 from pipeline.errors import CbirError
 
-RERANK_METHODS = ("dba", "aqe")
-SHORTLIST = 100
+_DEFAULT = Settings()
 
 Lookup = Callable[[np.ndarray], np.ndarray]  # ids -> (len(ids), d) stored vectors
+
+
+class SearchIndex(Protocol):
+    """What ranking needs of an index: FAISS indexes and exact.VectorFileExact both fit.
+
+    `search` returns (scores, ids), each (queries, k), best first, ids -1 past the end.
+    """
+
+    ntotal: int
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]: ...
 
 
 @dataclass(frozen=True)
@@ -34,9 +44,9 @@ class Rerank:
     """How to re-rank: which methods, how many neighbours, their weighting, the shortlist."""
 
     methods: tuple[str, ...] = ()
-    n: int = rerank.DEFAULT_N
-    alpha: float = rerank.DEFAULT_ALPHA
-    shortlist: int = SHORTLIST
+    n: int = _DEFAULT.rerank_n
+    alpha: float = _DEFAULT.rerank_alpha
+    shortlist: int = _DEFAULT.shortlist
 
 
 def parse_rerank(value: str | Sequence[str] | None) -> tuple[str, ...]:
@@ -51,22 +61,18 @@ def parse_rerank(value: str | Sequence[str] | None) -> tuple[str, ...]:
     return tuple(m for m in RERANK_METHODS if m in names)  # DBA first, then QE on its vectors
 
 
-def rerank_from(settings: dict[str, Any]) -> Rerank:
-    """The re-ranking that settings ask for (keys rerank, rerank_n, rerank_alpha, shortlist)."""
-    n, shortlist = int(settings.get("rerank_n") or 0), int(settings.get("shortlist") or 0)
-    if n < 0 or shortlist < 0:
-        raise CbirError("rerank_n and shortlist must be positive")
-    alpha = settings.get("rerank_alpha")
+def rerank_from(settings: Settings) -> Rerank:
+    """The re-ranking that settings ask for (rerank, rerank_n, rerank_alpha, shortlist)."""
     return Rerank(
-        methods=parse_rerank(settings.get("rerank")),
-        n=n or rerank.DEFAULT_N,
-        alpha=float(alpha) if alpha not in (None, "") else rerank.DEFAULT_ALPHA,
-        shortlist=shortlist or SHORTLIST,
+        methods=parse_rerank(settings.rerank),
+        n=settings.rerank_n,
+        alpha=settings.rerank_alpha,
+        shortlist=settings.shortlist,
     )
 
 
 def ranked(
-    index: faiss.Index,
+    index: SearchIndex,
     lookup: Lookup,
     queries: np.ndarray,
     k: int,
@@ -149,17 +155,9 @@ def _ranked(index, lookup, queries, k, how, refine):
     return ids_out, scores_out
 
 
-def catalog_lookup(db, catalog_path: str | Path) -> Lookup:
-    stored = vectors.open_rows(
-        vectors.vectors_path(catalog_path), catalog.dimension(db), catalog.next_id(db)
-    )
-    return lambda ids: np.asarray(stored[np.asarray(ids, dtype=np.int64)], dtype=np.float32)
-
-
 def search_vectors(
-    db,
-    catalog_path: str | Path,
-    index: faiss.Index,
+    coll,
+    index: SearchIndex,
     queries: np.ndarray,
     k: int = 10,
     how: Rerank = Rerank(),
@@ -169,8 +167,8 @@ def search_vectors(
 
     Each result: rank (from 1), id, path, label, score (cosine similarity).
     """
-    ids, scores = ranked(index, catalog_lookup(db, catalog_path), queries, k, how, refine)
-    rows = catalog.lookup(db, np.unique(ids[ids >= 0]))
+    ids, scores = ranked(index, coll.vectors, queries, k, how, refine)
+    rows = catalog.lookup(coll.db, np.unique(ids[ids >= 0]))
     results = []
     for id_row, score_row in zip(ids, scores, strict=True):
         results.append(
