@@ -115,14 +115,15 @@ class Collection:
                 )
             return
         if fingerprint_json(stored) != fingerprint_json(current):
-            hint = (
-                "use a new --catalog, or the same --weights"
-                if self.writer
-                else "pass the catalog's --weights"
-            )
+            differs = describe_mismatch(stored, current)
+            if self.writer:
+                raise CbirError(
+                    "the catalog's vectors were made by a different model or preprocessing "
+                    f"({differs}); use a new --catalog, or the same --weights"
+                )
             raise CbirError(
-                "the model differs from the one that built the catalog "
-                f"({describe_mismatch(stored, current)}); {hint}"
+                f"the query model differs from the one that built the catalog ({differs}); "
+                "pass the catalog's --weights"
             )
 
     # --- indexes ------------------------------------------------------------------------

@@ -10,7 +10,7 @@ from PIL import Image
 
 import pipeline
 from conftest import copy_collection
-from pipeline import autoindex, indexes, synth
+from pipeline import autoindex, collection, exact, indexes, synth
 from pipeline.bench import bench_scale
 from pipeline.embed import l2_normalize
 from pipeline.errors import CbirError
@@ -142,16 +142,10 @@ def test_exact_search_from_the_vector_file_equals_the_flat_index(
     ids = list(range(0, 200, 9))
     flat = pipeline.search(ids, **o)
     monkeypatch.setattr(indexes, "EXACT_FROM_FILE_BYTES", 1)  # as for a large collection
-    index, record, _ = indexes.load(*_load_args(o))
-    assert isinstance(index, indexes.VectorFileExact) and record["factory"] == "vector file"
+    coll = collection.reading(o["catalog"], o["index_dir"])
+    index, record, _ = indexes.load(coll, "exact")
+    assert isinstance(index, exact.VectorFileExact) and record["factory"] == "vector file"
     from_file = pipeline.search(ids, **o)
     assert from_file == flat
     with pytest.raises(CbirError, match="no search parameter"):
         pipeline.search(ids, params=["nprobe=4"], **o)
-
-
-def _load_args(o):
-    from pipeline import catalog
-
-    db = catalog.open_reader(o["catalog"])
-    return db, o["catalog"], o["index_dir"], "exact"

@@ -50,7 +50,8 @@ def test_short_training_gives_new_loadable_model_without_query_leakage(
 
     settings = pipeline.api.settings_for(**o)
     out = tmp_path / "tuned.weights.h5"
-    record = train(settings, out, epochs=1, decode=spy, log=lambda _: None)
+    coll = pipeline.api.open_collection(settings)
+    record = train(coll, settings, out, epochs=1, decode=spy, log=lambda _: None)
 
     # Leakage guard: training read exactly the catalog's images, never a query image.
     db = catalog.open_reader(o["catalog"])
