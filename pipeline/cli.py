@@ -663,7 +663,29 @@ def bench_scale_cmd(
 
 @main.command("serve")
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind.")
-@click.option("--port", type=typed(OPTIONS["port"]), default=8000, show_default=True)
+@click.option(
+    "--port", type=typed(OPTIONS["port"]), default=8000, show_default=True, help="0: any free port."
+)
+@click.option(
+    "--threads",
+    type=click.IntRange(1, 256),
+    default=8,
+    show_default=True,
+    help="Worker threads of the WSGI server (waitress).",
+)
+@click.option(
+    "--token",
+    envvar="CBIR_TOKEN",
+    default=None,
+    help="Require this token (Authorization: Bearer, or the login form) [env CBIR_TOKEN]; "
+    "needed on any address but loopback.",
+)
+@click.option(
+    "--no-auth",
+    "no_auth",
+    is_flag=True,
+    help="Serve a non-loopback address without a token (anyone who can reach it can search).",
+)
 @click.option(
     "--thumbs-dir",
     "thumbs_dir",
@@ -686,32 +708,97 @@ def bench_scale_cmd(
     default=None,
     help="Refuse uploads with more pixels (decompression bombs).",
 )
+@click.option(
+    "-k", type=typed(SPEC["k"]), default=None, help="Default number of results on a page."
+)
+@click.option("--index", default=None, help="Default index: 'exact' or a built one.")
+@click.option("--rerank", default=None, help="Default re-ranking: 'dba', 'aqe' or 'dba+aqe'.")
 @common_options
-def serve_cmd(host: str, port: int, thumbs_dir, max_upload_mb: float, **options) -> None:
-    """A demo web page and JSON API over the catalog (binds 127.0.0.1 by default)."""
-    from pipeline.serve import create_app
+def serve_cmd(
+    host: str,
+    port: int,
+    threads: int,
+    token: str | None,
+    no_auth: bool,
+    thumbs_dir,
+    max_upload_mb: float,
+    **options,
+) -> None:
+    """A web page and JSON API over the catalog, on waitress (binds 127.0.0.1 by default).
 
-    app = create_app(
+    Pages and `POST /api/search` take k, index, rerank and relevance feedback
+    (relevant / not_relevant ids); answers have the shape of `cbir search --json`.
+    """
+    from pipeline import serve
+
+    token = serve.required_token(host, token, no_auth)  # before minutes of loading
+    app = serve.open_app(
         api.settings_for(**options),
         thumbs_dir=thumbs_dir,
         max_upload=int(max_upload_mb * 1024 * 1024),
+        token=token,
     )
-    click.echo(f"cbir: serving on http://{host}:{port}/", err=True)
-    app.run(host=host, port=port, threaded=True, debug=False)
+    server = serve.make_server(app, host, port, threads)
+    for url in serve.urls(server):
+        click.echo(f"cbir: serving on {url} ({threads} threads)", err=True)
+    if token is None and not serve.is_loopback(host):
+        click.echo(
+            "cbir: warning: no token (--no-auth): anyone who can reach it can search", err=True
+        )
+    serve.run(server)
 
 
 @bench_group.command("serve")
-@click.argument("images", nargs=-1, required=True)
-@click.option("--uploads", type=typed(OPTIONS["uploads"]), default=30, show_default=True)
+@click.argument("images", nargs=-1, required=False)
+@click.option(
+    "--concurrency",
+    type=click.IntRange(1, 256),
+    default=16,
+    show_default=True,
+    help="Clients sending requests at once.",
+)
+@click.option(
+    "--seconds",
+    type=FiniteFloatRange(0, 3600, min_open=True),
+    default=None,
+    help="How long each measurement runs [default 10 unless --uploads is given].",
+)
+@click.option(
+    "--uploads",
+    type=typed(OPTIONS["uploads"]),
+    default=None,
+    help="Requests per measurement (with --seconds: whichever comes first).",
+)
+@click.option(
+    "--threads",
+    type=click.IntRange(1, 256),
+    default=8,
+    show_default=True,
+    help="Worker threads of the server.",
+)
 @common_options
-def bench_serve_cmd(images, uploads: int, **options) -> None:
-    """Median ms from uploading an image to its JSON answer, through a real local server."""
+def bench_serve_cmd(
+    images, concurrency: int, seconds: float | None, uploads: int | None, threads: int, **options
+) -> None:
+    """Requests/s, p50 and p99 of uploads and of id searches through a local waitress server.
+
+    IMAGES (files or folders) are uploaded if catalogued; by default a sample of
+    the catalog. Each answer must find its image at rank 1. One JSON line per kind.
+    """
     import glob
 
-    from pipeline.serve import bench_upload
+    from pipeline.serve_bench import bench_serve
 
     files = [f for p in images for f in (sorted(glob.glob(f"{p}/**/*.jpg", recursive=True)) or [p])]
-    click.echo(json.dumps(bench_upload(api.settings_for(**options), files, uploads)))
+    if seconds is None and uploads is None:
+        seconds = 10.0
+    results = bench_serve(
+        api.settings_for(**options), files, concurrency, seconds, uploads, threads
+    )
+    for result in results:
+        click.echo(json.dumps(result))
+    if any(r["errors"] or r["wrong"] for r in results):
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,66 @@
+"""`cbir bench serve`: requests/s, p50 and p99 of uploads and of id searches, over real HTTP.
+
+The server is the one `cbir serve` runs (the app on waitress, the model loaded
+once); the clients (pipeline/web/load.py) run in a child process, so their
+own Python work does not slow the server's. Every answer is checked: an
+upload of a catalogued image, or a search by its id, must find it at rank 1.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import numpy as np
+
+from pipeline import catalog
+from pipeline.config import Settings
+from pipeline.errors import CbirError
+from pipeline.serve import DEFAULT_THREADS, open_app, running
+from pipeline.web.load import Job, run_in_process
+
+MAX_ITEMS = 200  # distinct images queried in turn (the clients hold their bytes)
+
+
+def _items(db, images: list[str]) -> list[tuple[int, str]]:
+    """(id, file) to query: the given files that are catalogued, else a sample of the catalog."""
+    if images:
+        by_path = catalog.rows_by_path(db)
+        wanted = {os.path.abspath(p) for p in images} | {os.path.realpath(p) for p in images}
+        rows = [r for p, r in by_path.items() if p in wanted and r["status"] == "indexed"]
+        if not rows:
+            raise CbirError(
+                "none of the given images is in the catalog: answers can only be checked "
+                "for catalogued images (give none to sample the catalog)"
+            )
+        found = sorted((r["id"], r["path"]) for r in rows)
+    else:
+        ids = catalog.indexed_ids(db)
+        rows = catalog.lookup(
+            db, ids[np.linspace(0, len(ids) - 1, min(len(ids), 4 * MAX_ITEMS)).astype(int)]
+        )
+        found = sorted((i, r["path"]) for i, r in rows.items())
+    found = [(i, p) for i, p in found if os.path.isfile(p)][:MAX_ITEMS]
+    if not found:
+        raise CbirError("no catalogued image file is readable here to upload")
+    return found
+
+
+def bench_serve(
+    settings: Settings,
+    images: list[str],
+    concurrency: int = 16,
+    seconds: float | None = 10.0,
+    requests: int | None = None,
+    threads: int = DEFAULT_THREADS,
+    kinds: tuple[str, ...] = ("upload", "id"),
+) -> list[dict[str, Any]]:
+    """One result per kind: requests, errors, wrong answers, requests/s, p50 and p99 in ms."""
+    app = open_app(settings)
+    items = _items(app.extensions["cbir"].coll.db, images)
+    results = []
+    with running(app, threads) as url:
+        for kind in kinds:
+            job = Job(url, kind, items, concurrency, seconds, requests, k=settings.k)
+            results.append({**run_in_process(job), "threads": threads})
+    return results

@@ -1,0 +1,159 @@
+"""Search options of a request (k, index, re-ranking, feedback), read from a form or JSON.
+
+The same options as `cbir search`: -k, --index, --rerank, --shortlist,
+--relevant, --not-relevant (and --allow-stale for the JSON API). Each value is
+checked against the same specs as the CLI's (pipeline/config.py); the web
+caps k lower, since every result is a row to look up and, on a page, an image.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from pipeline import config
+from pipeline.config import Settings
+from pipeline.web.failures import BadRequest
+
+MAX_K = 1000
+MAX_FEEDBACK = 1000  # marked ids per list: each is a stored vector read per search
+JSON_KEYS = ("id", "k", "index", "rerank", "shortlist", "relevant", "not_relevant", "allow_stale")
+
+
+@dataclass(frozen=True)
+class SearchParams:
+    """What one request asks for; None = the server's settings."""
+
+    k: int | None = None
+    index: str | None = None
+    rerank: str | None = None
+    shortlist: int | None = None
+    relevant: tuple[int, ...] = ()
+    not_relevant: tuple[int, ...] = ()
+    allow_stale: bool = False
+
+    def settings(self, base: Settings) -> Settings:
+        """`base` with this request's choices, checked together as the CLI checks them.
+
+        Re-ranking fewer candidates than the results shown makes no sense: unless
+        the request names a shortlist, it grows to k.
+        """
+        changes = {
+            key: getattr(self, key)
+            for key in ("k", "index", "rerank", "shortlist")
+            if getattr(self, key) is not None
+        }
+        if not changes:
+            return base
+        merged = {
+            "k": base.k,
+            "index": base.index,
+            "rerank": base.rerank,
+            "shortlist": base.shortlist,
+        }
+        merged.update(changes)
+        if self.shortlist is None:
+            merged["shortlist"] = max(merged["shortlist"], merged["k"])
+        return base.replace(**config.validate(merged))
+
+    def feedback(self) -> dict[str, tuple[int, ...]]:
+        return {"relevant": self.relevant, "not_relevant": self.not_relevant}
+
+
+def _k(value: Any) -> int:
+    if isinstance(value, str) and value.strip().isdigit():
+        value = int(value)
+    if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= MAX_K:
+        raise BadRequest(f"k must be an integer from 1 to {MAX_K}")
+    return value
+
+
+def _index(value: Any) -> str:
+    return config.check("index", value)
+
+
+def _rerank(value: Any) -> str:
+    from pipeline.ranking import parse_rerank  # imports FAISS, loaded by then anyway
+
+    return "+".join(parse_rerank(config.check("rerank", value)))
+
+
+def _shortlist(value: Any) -> int:
+    if isinstance(value, str) and value.strip().isdigit():
+        value = int(value)
+    return config.check("shortlist", value)
+
+
+def _ids(name: str, values: list[Any]) -> tuple[int, ...]:
+    """Catalog ids from a JSON list or form values (each may be 'a,b,c')."""
+    ids: list[int] = []
+    for v in values:
+        parts = v.replace(",", " ").split() if isinstance(v, str) else [v]
+        for p in parts:
+            if isinstance(p, str) and p.isdigit():
+                p = int(p)
+            if not isinstance(p, int) or isinstance(p, bool) or not 0 <= p <= config.ID.hi:
+                raise BadRequest(f"{name} must be a list of catalog ids")
+            ids.append(p)
+    if len(ids) > MAX_FEEDBACK:
+        raise BadRequest(f"{name} names more than {MAX_FEEDBACK} ids")
+    return tuple(dict.fromkeys(ids))  # once each, in the order marked
+
+
+def _checked_feedback(relevant: tuple[int, ...], not_relevant: tuple[int, ...]) -> None:
+    both = sorted(set(relevant) & set(not_relevant))
+    if both:
+        raise BadRequest(f"ids marked both relevant and not relevant: {both[:5]}")
+
+
+def from_form(form: Mapping[str, Any]) -> SearchParams:
+    """From a page's query string or form (a werkzeug MultiDict); empty fields are not given."""
+
+    def given(key: str) -> str | None:
+        value = form.get(key)
+        return value if value not in (None, "") else None
+
+    params = SearchParams(
+        k=_k(given("k")) if given("k") is not None else None,
+        index=_index(given("index")) if given("index") is not None else None,
+        rerank=_rerank(form.get("rerank")) if form.get("rerank") is not None else None,
+        shortlist=_shortlist(given("shortlist")) if given("shortlist") is not None else None,
+        relevant=_ids("relevant", form.getlist("relevant")),
+        not_relevant=_ids("not_relevant", form.getlist("not_relevant")),
+    )
+    _checked_feedback(params.relevant, params.not_relevant)
+    return params
+
+
+def from_json(body: Any) -> tuple[int, SearchParams]:
+    """(catalog id, options) from a JSON body like {"id": 12, "k": 5, "relevant": [3]}."""
+    if not isinstance(body, dict):
+        raise BadRequest('the JSON body must be an object like {"id": 12}')
+    unknown = sorted(str(key) for key in body if key not in JSON_KEYS)
+    if unknown:
+        raise BadRequest(f"unknown keys {unknown[:5]}: use {', '.join(JSON_KEYS)}")
+    image_id = body.get("id")
+    if not isinstance(image_id, int) or isinstance(image_id, bool):
+        raise BadRequest("id must be an integer catalog id")
+
+    def listed(key: str) -> tuple[int, ...]:
+        value = body.get(key, [])
+        if not isinstance(value, list):
+            raise BadRequest(f"{key} must be a list of catalog ids")
+        return _ids(key, value)
+
+    allow_stale = body.get("allow_stale", False)
+    if not isinstance(allow_stale, bool):
+        raise BadRequest("allow_stale must be true or false")
+    params = SearchParams(
+        k=_k(body["k"]) if "k" in body else None,
+        index=_index(body["index"]) if body.get("index") is not None else None,
+        rerank=_rerank(body["rerank"]) if body.get("rerank") is not None else None,
+        shortlist=_shortlist(body["shortlist"]) if "shortlist" in body else None,
+        relevant=listed("relevant"),
+        not_relevant=listed("not_relevant"),
+        allow_stale=allow_stale,
+    )
+    _checked_feedback(params.relevant, params.not_relevant)
+    return image_id, params
