@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -27,11 +28,20 @@ from pipeline.embed import Embedder, load_embedder
 from pipeline.errors import CbirError, NotFoundError
 from pipeline.scan import scan
 
+log = logging.getLogger("cbir")
+
 
 @functools.lru_cache(maxsize=4)
-def cached_embedder(weights: str, batch_size: int, pooling: str = "avg") -> Embedder:
+def cached_embedder(
+    weights: str,
+    batch_size: int,
+    pooling: str = "avg",
+    runtime: str = "keras",
+    precision: str = "fp32",
+    calibration: tuple[str, ...] = (),
+) -> Embedder:
     """Load a model once per process (the CLI, a server and tests reuse it)."""
-    return load_embedder(weights, batch_size, pooling)
+    return load_embedder(weights, batch_size, pooling, runtime, precision, calibration)
 
 
 def settings_for(config: str | None = None, **options: Any) -> Settings:
@@ -59,14 +69,74 @@ def model_choice(s: Settings, coll: Collection | None) -> tuple[str, str]:
     return weights, pooling
 
 
-def embedder_for(s: Settings, coll: Collection | None = None, batch_size: int = 0) -> Embedder:
-    """The model for this catalog (see `model_choice`), checked against its fingerprint."""
+def producer_choice(s: Settings, coll: Collection | None) -> tuple[str, str]:
+    """(runtime, precision): as given; "auto" means the catalog's recorded producer, or for a
+    new catalog the fastest this machine offers (OpenVINO int8 with VNNI, then bf16, fp32)."""
+    recorded = coll.producer if coll is not None else None
+    runtime, precision = s.runtime, s.precision
+    if runtime == "auto":
+        runtime = recorded["runtime"] if recorded else _best_runtime()
+    if precision == "auto":
+        if recorded and recorded["runtime"] == runtime:
+            precision = recorded["precision"]
+        elif runtime == "keras":
+            precision = "fp32"
+        else:
+            from pipeline import cpu
+
+            precision = cpu.fast_precisions()[0]
+    return runtime, precision
+
+
+def _best_runtime() -> str:
+    import importlib.util
+
+    if importlib.util.find_spec("openvino") is not None:
+        return "openvino"
+    log.warning("OpenVINO is not installed, so the model runs on Keras (about 4x slower): "
+                "pip install -e '.[openvino]'")  # fmt: skip
+    return "keras"
+
+
+def calibration_for(s: Settings, coll: Collection | None, todo: list[str]) -> list[str]:
+    """int8 calibration images: the catalog's recorded ones, a folder the user names, or a
+    seeded sample of the images being indexed (or of the catalog's)."""
+    from pipeline.embed_openvino import choose_calibration
+
+    if coll is not None and coll.calibration_paths:
+        return coll.calibration_paths
+    if s.calibration:
+        paths = [f.path for f in scan([s.calibration], labels="none")]
+        if not paths:
+            raise CbirError(f"no calibration images under {s.calibration}")
+        return choose_calibration(paths)
+    if not todo and coll is not None:
+        todo = [r["path"] for r in catalog.lookup(coll.db, coll.indexed_ids()).values()]
+    if not todo:
+        raise CbirError(
+            "int8 needs calibration images: index some first, or pass --calibration DIR"
+        )
+    return choose_calibration(todo)
+
+
+def embedder_for(
+    s: Settings, coll: Collection | None = None, batch_size: int = 0, todo: list[str] = ()
+) -> Embedder:
+    """The model for this catalog (weights, pooling, runtime, precision as `model_choice` and
+    `producer_choice` pick them), checked against the catalog's family and producer.
+
+    `todo` (the images a job is about to index) seeds int8 calibration on a new catalog.
+    """
     if coll is None and os.path.exists(s.catalog):
         coll = open_collection(s)
     weights, pooling = model_choice(s, coll)
-    embedder = cached_embedder(weights, batch_size or s.batch_size, pooling)
+    runtime, precision = producer_choice(s, coll)
+    calibration = calibration_for(s, coll, list(todo)) if precision == "int8" else []
+    embedder = cached_embedder(
+        weights, batch_size or s.batch_size, pooling, runtime, precision, tuple(calibration)
+    )
     if coll is not None:
-        coll.check_embedder(embedder)
+        coll.check_embedder(embedder, s.allow_mixed, calibration)
     return embedder
 
 
@@ -84,7 +154,12 @@ def index(
         raise CbirError("give at least one folder, image or manifest CSV (or 'roots' in a config)")
     with writing(s.catalog, s.index_dir) as coll:
         return jobs.run_index(
-            roots, coll, lambda: embedder_for(s, coll), s, progress=progress, on_total=on_total
+            roots,
+            coll,
+            lambda todo: embedder_for(s, coll, todo=todo),
+            s,
+            progress=progress,
+            on_total=on_total,
         )
 
 

@@ -383,13 +383,29 @@ def update_labels(db: sqlite_utils.Database, changes: dict[int, str | None]) -> 
         )
 
 
-def adopt_model(db: sqlite_utils.Database, fingerprint_text: str, dim: int, source: str) -> None:
-    """Record the model of a new catalog, all of it or nothing."""
+def adopt_model(
+    db: sqlite_utils.Database,
+    fingerprint_text: str,
+    dim: int,
+    source: str,
+    producer_text: str,
+    calibration_text: str | None = None,
+) -> None:
+    """Record the model (family and producer) of a new catalog, all of it or nothing."""
     with transaction(db):
         set_meta(db, "fingerprint", fingerprint_text)
         set_meta(db, "dimension", dim)
         set_meta(db, "metric", "inner_product")
         set_meta(db, "weights_source", source)
+        set_meta(db, "producer", producer_text)
+        if calibration_text is not None:
+            set_meta(db, "calibration_paths", calibration_text)
+
+
+def mark_mixed(db: sqlite_utils.Database, producer_text: str) -> None:
+    """Record that vectors of another producer (same family) were added, as the user allowed."""
+    with transaction(db):
+        set_meta(db, "mixed_producer", producer_text)
 
 
 def start_run(db: sqlite_utils.Database, command: str, config: dict[str, Any]) -> int:

@@ -158,6 +158,44 @@ def common_options(f):
     return wrapper
 
 
+def runtime_options(f):
+    """--runtime, --precision, --calibration, --allow-mixed on the commands that run the model."""
+
+    @click.option(
+        "--runtime",
+        type=typed(SPEC["runtime"]),
+        default=None,
+        help="Inference runtime [default auto: the catalog's, or for a new catalog OpenVINO "
+        "when installed, else Keras].",
+    )
+    @click.option(
+        "--precision",
+        type=typed(SPEC["precision"]),
+        default=None,
+        help="Model precision [default auto: the catalog's, or the fastest this CPU supports: "
+        "int8 with VNNI, bf16 with AVX512-BF16/AMX, else fp32].",
+    )
+    @click.option(
+        "--calibration",
+        type=click.Path(exists=True, file_okay=False),
+        default=None,
+        help="int8: a folder of calibration images [default: 300 images of the collection, "
+        "chosen by a seeded rule].",
+    )
+    @click.option(
+        "--allow-mixed",
+        "allow_mixed",
+        is_flag=True,
+        default=None,
+        help="Allow adding vectors from another runtime or precision of the catalog's model.",
+    )
+    @functools.wraps(f)
+    def wrapper(*args, **kwargs):
+        return f(*args, **kwargs)
+
+    return wrapper
+
+
 def search_param_options(f):
     @click.option(
         "--param",
@@ -254,6 +292,7 @@ def main(debug: bool) -> None:
     default=None,
     help="Refuse images with more pixels (decompression bombs).",
 )
+@runtime_options
 @common_options
 def index_cmd(paths: tuple[str, ...], **options: Any) -> None:
     """Index image folders, files, or manifest CSVs (path,label,split); incremental."""
@@ -327,6 +366,7 @@ def index_cmd(paths: tuple[str, ...], **options: Any) -> None:
     help="Relevance feedback: an id you marked not relevant (repeatable).",
 )
 @search_param_options
+@runtime_options
 @common_options
 def search_cmd(queries: tuple[str, ...], ids: tuple[int, ...], as_json: bool, **options) -> None:
     """Top-k most similar images for image files, folders of images, or --id N."""
@@ -509,6 +549,7 @@ def verify_cmd(as_json: bool, repair: bool, **options) -> None:
     help="Write an HTML report (top-10 thumbnails, per-class chart) here.",
 )
 @click.option("--json", "as_json", is_flag=True, help="One JSON object.")
+@runtime_options
 @common_options
 def evaluate_cmd(queries, leave_one_out, method, hybrid_weight, report_dir, as_json, **options):
     """mAP, P@1, P@10 and per-class figures against labelled QUERIES (manifest CSV or folder)."""
@@ -604,6 +645,7 @@ def bench_group() -> None:
     default=1,
     help="Repeat both measurements; medians are printed.",
 )
+@runtime_options
 @common_options
 def bench_extract_cmd(folder: str, limit: int | None, repeats: int, **options) -> None:
     """End-to-end indexing images/s versus the model alone, and their ratio."""
@@ -713,6 +755,7 @@ def bench_scale_cmd(
 )
 @click.option("--index", default=None, help="Default index: 'exact' or a built one.")
 @click.option("--rerank", default=None, help="Default re-ranking: 'dba', 'aqe' or 'dba+aqe'.")
+@runtime_options
 @common_options
 def serve_cmd(
     host: str,

@@ -100,18 +100,48 @@ class Collection:
 
     # --- the model ----------------------------------------------------------------------
 
-    def check_embedder(self, embedder) -> None:
-        """The one fingerprint check: vectors of different models never mix.
+    @property
+    def producer(self) -> dict[str, Any] | None:
+        """What computed the catalog's vectors (Keras fp32 for catalogs that predate producers)."""
+        from pipeline.embed import KERAS_FP32
 
-        A writer on a catalog without a model adopts this one.
+        if self.fingerprint is None:
+            return None
+        text = catalog.get_meta(self.db, "producer")
+        return json.loads(text) if text else dict(KERAS_FP32)
+
+    @property
+    def calibration_paths(self) -> list[str]:
+        """The int8 calibration images the catalog's producer was quantised with."""
+        text = catalog.get_meta(self.db, "calibration_paths")
+        return json.loads(text) if text else []
+
+    def check_embedder(
+        self, embedder, allow_mixed: bool = False, calibration: list[str] | None = None
+    ) -> None:
+        """The one model check: vectors of different model families never mix, and
+        vectors of another producer of the same family are added only when allowed.
+
+        A writer on a catalog without a model adopts this one (with the int8
+        `calibration` images, so later commands can rebuild the same model).
         """
-        from pipeline.embed import describe_mismatch, fingerprint_json
+        from pipeline.embed import (
+            describe_mismatch,
+            describe_producer,
+            fingerprint_json,
+            same_producer,
+        )
 
         stored, current = self.fingerprint, embedder.fingerprint
         if stored is None:
             if self.writer:
                 catalog.adopt_model(
-                    self.db, fingerprint_json(current), current["dimension"], embedder.source
+                    self.db,
+                    fingerprint_json(current),
+                    current["dimension"],
+                    embedder.source,
+                    json.dumps(embedder.producer, sort_keys=True),
+                    json.dumps(sorted(calibration)) if calibration else None,
                 )
             return
         if fingerprint_json(stored) != fingerprint_json(current):
@@ -125,6 +155,25 @@ class Collection:
                 f"the query model differs from the one that built the catalog ({differs}); "
                 "pass the catalog's --weights"
             )
+        recorded = self.producer or {}
+        if same_producer(recorded, embedder.producer):
+            return
+        was, now = describe_producer(recorded), describe_producer(embedder.producer)
+        if not self.writer:
+            log.warning(
+                "the catalog's vectors come from %s, this query's from %s (the same model): "
+                "scores may differ slightly",
+                was,
+                now,
+            )
+            return
+        if not allow_mixed:
+            raise CbirError(
+                f"the catalog's vectors come from {was}, this job would add vectors from {now}; "
+                "leave --runtime/--precision at auto to use the catalog's, or pass --allow-mixed"
+            )
+        log.warning("adding %s vectors to a catalog of %s vectors, as --allow-mixed asks", now, was)
+        catalog.mark_mixed(self.db, json.dumps(embedder.producer, sort_keys=True))
 
     # --- indexes ------------------------------------------------------------------------
 

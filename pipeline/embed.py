@@ -20,9 +20,17 @@ DIM = 2048
 
 
 class Embedder(Protocol):
-    """What indexing, search, evaluation and the server need of a model."""
+    """What indexing, search, evaluation and the server need of a model.
 
-    fingerprint: dict[str, Any]  # architecture, pooling, weights digest, ...: equal = same vectors
+    `fingerprint` is the model family (architecture, pooling, weights digest,
+    preprocessing): vectors of different families never mix. `producer` is
+    what computed them (runtime, version, precision, calibration): the same
+    family from another producer gives nearly the same vectors (cosine about
+    0.997 for int8), so mixing them in one catalog is allowed only on request.
+    """
+
+    fingerprint: dict[str, Any]
+    producer: dict[str, Any]
     batch_size: int
     source: str  # what --weights named: "imagenet" or an absolute file path
 
@@ -31,20 +39,46 @@ class Embedder(Protocol):
         ...
 
 
-RUNTIMES = ("keras",)
+# What produced a catalog's vectors before producers were recorded.
+KERAS_FP32 = {"runtime": "keras", "precision": "fp32", "calibration": None}
+
+
+def same_producer(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    """Runtime, precision and calibration equal (a runtime's version may differ)."""
+    keys = ("runtime", "precision", "calibration")
+    return all(a.get(k) == b.get(k) for k in keys)
+
+
+def describe_producer(p: dict[str, Any]) -> str:
+    return f"{p.get('runtime')} {p.get('precision')}" + (
+        f" (calibration {str(p['calibration'])[:12]})" if p.get("calibration") else ""
+    )
 
 
 def load_embedder(
-    weights: str = "imagenet", batch_size: int = 32, pooling: str = "avg", runtime: str = "keras"
+    weights: str = "imagenet",
+    batch_size: int = 32,
+    pooling: str = "avg",
+    runtime: str = "keras",
+    precision: str = "fp32",
+    calibration_paths: tuple[str, ...] = (),
 ) -> Embedder:
-    """The embedder of `runtime` for these weights and pooling."""
+    """The embedder of `runtime` ("keras" or "openvino") at `precision` for these weights."""
     if pooling not in POOLINGS:
         raise CbirError(f"unknown pooling {pooling!r}: use {' or '.join(POOLINGS)}")
     if runtime == "keras":
+        if precision != "fp32":
+            raise CbirError(f"the keras runtime runs fp32 only, not {precision}: use openvino")
         from pipeline.embed_keras import load
 
         return load(weights, batch_size, pooling)
-    raise CbirError(f"unknown runtime {runtime!r}: use {', '.join(RUNTIMES)}")
+    if runtime == "openvino":
+        from pipeline import embed_openvino
+
+        return embed_openvino.load(
+            weights, batch_size, pooling, precision, list(calibration_paths) or None
+        )
+    raise CbirError(f"unknown runtime {runtime!r}: use keras or openvino")
 
 
 # Keras' "caffe" preprocessing for ResNet50: RGB -> BGR, subtract the ImageNet mean.

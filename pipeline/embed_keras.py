@@ -9,14 +9,14 @@ from __future__ import annotations
 import hashlib
 import os
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from pipeline.decode import PREPROCESSING
-from pipeline.embed import DIM, GEM_P, gem, l2_normalize, preprocess
+from pipeline.embed import DIM, GEM_P, KERAS_FP32, gem, l2_normalize, preprocess
 from pipeline.errors import CbirError
 
 
@@ -29,6 +29,7 @@ class KerasEmbedder:
     batch_size: int = 32
     source: str = "imagenet"  # what --weights named: "imagenet" or an absolute file path
     pooling: str = "avg"
+    producer: dict[str, Any] = field(default_factory=lambda: dict(KERAS_FP32))
 
     def embed(self, pixels: np.ndarray) -> np.ndarray:
         """(n, 224, 224, 3) uint8 RGB -> (n, 2048) float32, each row of unit length."""

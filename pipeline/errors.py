@@ -81,6 +81,11 @@ def one_line(catalog: str | None = None) -> Iterator[None]:
     except KeyboardInterrupt:
         print("cbir: interrupted; rerun the same command to finish", file=sys.stderr)
         sys.exit(130)
+    except BrokenPipeError:
+        # The reader went away (`cbir search ... | head`): quietly, like other tools.
+        # stdout now points at /dev/null so flushing it at exit raises nothing.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(141)
     except Exception as e:
         if DEBUG:
             traceback.print_exc()

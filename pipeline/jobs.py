@@ -154,16 +154,17 @@ def _row(
 def run_index(
     roots: list[str],
     coll: Collection,
-    load_model: Callable[[], Embedder],
+    load_model: Callable[[list[str]], Embedder],
     settings: Settings,
     progress: Callable[[int], Any] | None = None,
     on_total: Callable[[int], Any] | None = None,
 ) -> Summary:
     """Index `roots` into a collection opened for writing; returns what was done.
 
-    `load_model` is called only when some file needs embedding (and checks the
-    model against the catalog's fingerprint), so a rerun with nothing new, or
-    new files that are all copies of indexed ones, never pays for the model.
+    `load_model(paths to index)` is called only when some file needs embedding
+    (it checks the model against the catalog's family and producer, and may
+    calibrate an int8 model on a sample of the paths), so a rerun with nothing
+    new, or new files that are all copies of indexed ones, never pays for it.
     """
     from pipeline import autoindex
 
@@ -226,7 +227,9 @@ class _Batches:
     for it. A new catalog learns its dimension from the model, so it loads first.
     """
 
-    def __init__(self, coll: Collection, load_model: Callable[[], Embedder], plan, run_id, summary):
+    def __init__(
+        self, coll: Collection, load_model: Callable[[list[str]], Embedder], plan, run_id, summary
+    ):
         self.coll, self.db, self.plan, self.run_id, self.summary = (
             coll,
             coll.db,
@@ -247,8 +250,8 @@ class _Batches:
 
     def model(self) -> Embedder:
         if self.embedder is None:
-            self.embedder = self.load_model()
-            self.coll.check_embedder(self.embedder)  # adopts it on a new catalog
+            # Checked against (or adopted by) the catalog by the loader.
+            self.embedder = self.load_model([f.path for f in self.plan.todo])
         return self.embedder
 
     def commit(self, batch: list[tuple[ScannedFile, Decoded | DecodeError]]) -> None:

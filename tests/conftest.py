@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import os
 from pathlib import Path
 
 import pytest
@@ -38,6 +39,19 @@ def write_manifest(path: Path, rows: list[dict[str, str]]) -> Path:
     return path
 
 
+@pytest.fixture(autouse=True)
+def keras_for_end_to_end_tests(request, tmp_path_factory, monkeypatch):
+    """Slow tests run the reference Keras model unless they name a runtime.
+
+    Their expected figures were measured with it, and a new catalog under the
+    default runtime would quantise an int8 model for every test (20-60 s each).
+    """
+    if request.node.get_closest_marker("slow") and "CBIR_CONFIG" not in os.environ:
+        config = tmp_path_factory.getbasetemp() / "keras-runtime.toml"
+        config.write_text('runtime = "keras"\n')
+        monkeypatch.setenv("CBIR_CONFIG", str(config))
+
+
 @pytest.fixture(scope="session")
 def weights() -> str:
     if not WEIGHTS.exists():
@@ -70,6 +84,7 @@ def corel_collection(tmp_path_factory, weights, corel_db_rows):
         "catalog": str(tmp / "catalog.db"),
         "index_dir": str(tmp / "index"),
         "weights": weights,
+        "runtime": "keras",  # the reference; tests/test_runtime.py covers OpenVINO
     }
     summary = pipeline.index([manifest], **options)
     assert summary.indexed == len(corel_db_rows)

@@ -51,11 +51,16 @@ class FakeModel:
 
 
 class FakeEmbedder:
-    """Satisfies pipeline.embed.Embedder: unit vectors from the fake model, no TensorFlow."""
+    """Satisfies pipeline.embed.Embedder: unit vectors from the fake model, no TensorFlow.
 
-    def __init__(self, batch_size: int = 32, delay: float = 0.0):
+    Its producer is whatever runtime and precision were asked for (the vectors
+    are the same), so the catalog's producer rules can be tested too.
+    """
+
+    def __init__(self, batch_size: int = 32, delay: float = 0.0, runtime="keras", precision="fp32"):
         self.model = FakeModel(delay)
         self.fingerprint = dict(FAKE_FINGERPRINT)
+        self.producer = {"runtime": runtime, "precision": precision, "calibration": None}
         self.batch_size = batch_size
         self.source = "imagenet"
 
@@ -67,14 +72,24 @@ def fake_embedder(batch_size: int = 32, pooling: str = "avg", delay: float = 0.0
     return FakeEmbedder(batch_size, delay)
 
 
+def cached(
+    weights: str,
+    batch_size: int,
+    pooling: str = "avg",
+    runtime: str = "keras",
+    precision: str = "fp32",
+    calibration: tuple[str, ...] = (),
+    delay: float = 0.0,
+) -> Embedder:
+    """Stands in for pipeline.api.cached_embedder (same arguments): tests patch it in."""
+    return FakeEmbedder(batch_size, delay, runtime, precision)
+
+
 def install(delay: float = 0.0) -> None:
     """Make every model load in this process return the fake model."""
     from pipeline import api
 
-    def cached(weights: str, batch_size: int, pooling: str = "avg") -> Embedder:
-        return fake_embedder(batch_size, pooling, delay)
-
-    api.cached_embedder = cached
+    api.cached_embedder = lambda *args: cached(*args, delay=delay)
 
 
 def make_images(folder: Path, n: int, seed: int = 0, size: int = 48) -> list[Path]:

@@ -24,13 +24,9 @@ from pipeline.errors import CbirError
 N_IMAGES = 40
 
 
-def fake_cached(weights: str, batch_size: int, pooling: str = "avg"):
-    return fakes.fake_embedder(batch_size, pooling)
-
-
 @pytest.fixture(autouse=True)
 def fake_model(monkeypatch):
-    monkeypatch.setattr(api, "cached_embedder", fake_cached)
+    monkeypatch.setattr(api, "cached_embedder", fakes.cached)
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +35,7 @@ def coll(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("bad-input")
     fakes.make_images(root / "imgs", N_IMAGES)
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(api, "cached_embedder", fake_cached)
+        mp.setattr(api, "cached_embedder", fakes.cached)
         assert cli("index", root / "imgs", *opts(root)).exit_code == 0
         assert cli("build-index", "hnsw", "--factory", "HNSW32", *opts(root)).exit_code == 0
         assert cli("build-index", "ivf", "--factory", "IVF4,Flat", *opts(root)).exit_code == 0

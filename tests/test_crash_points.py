@@ -100,7 +100,7 @@ def crash_every_step(tmp_path: Path, base: Path, command: list[str], check=None)
 def fake_model(monkeypatch):
     from pipeline import api
 
-    monkeypatch.setattr(api, "cached_embedder", lambda w, b, p="avg": fakes.fake_embedder(b, p))
+    monkeypatch.setattr(api, "cached_embedder", fakes.cached)
 
 
 def image_folder(folder: Path, n: int, seed: int = 0) -> Path:

@@ -23,7 +23,7 @@ from pipeline.cli import main
 
 @pytest.fixture(autouse=True)
 def fake_model(monkeypatch):
-    monkeypatch.setattr(api, "cached_embedder", lambda w, b, p="avg": fakes.fake_embedder(b, p))
+    monkeypatch.setattr(api, "cached_embedder", fakes.cached)
 
 
 def cli(*args):

@@ -13,7 +13,7 @@ from pipeline import api, evaluation
 
 @pytest.fixture
 def labelled(tmp_path, monkeypatch):
-    monkeypatch.setattr(api, "cached_embedder", lambda w, b, p="avg": fakes.fake_embedder(b, p))
+    monkeypatch.setattr(api, "cached_embedder", fakes.cached)
     fakes.make_images(tmp_path / "imgs", 60)
     o = {"catalog": str(tmp_path / "c.db"), "index_dir": str(tmp_path / "idx")}
     pipeline.index([tmp_path / "imgs"], **o)

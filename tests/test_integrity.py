@@ -22,7 +22,7 @@ from pipeline.errors import CbirError
 
 @pytest.fixture(autouse=True)
 def fake_model(monkeypatch):
-    monkeypatch.setattr(api, "cached_embedder", lambda w, b, p="avg": fakes.fake_embedder(b, p))
+    monkeypatch.setattr(api, "cached_embedder", fakes.cached)
 
 
 def cli(*args: str):
@@ -229,7 +229,7 @@ def test_disk_full_is_one_line(tmp_path, monkeypatch):
     runs = list(db.query("select status from runs"))
     assert runs[-1]["status"] == "failed"
     monkeypatch.undo()
-    monkeypatch.setattr(api, "cached_embedder", lambda w, b, p="avg": fakes.fake_embedder(b, p))
+    monkeypatch.setattr(api, "cached_embedder", fakes.cached)
     assert cli("index", imgs, *opts(tmp_path)).exit_code == 0
     assert cli("verify", *opts(tmp_path)).exit_code == 0
 

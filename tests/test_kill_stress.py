@@ -60,7 +60,7 @@ def test_twenty_kills_with_a_reader_beside_the_job(tmp_path, monkeypatch):
 
     from pipeline import api
 
-    monkeypatch.setattr(api, "cached_embedder", lambda w, b, p="avg": fakes.fake_embedder(b, p))
+    monkeypatch.setattr(api, "cached_embedder", fakes.cached)
     clean = tmp_path / "clean"
     assert CliRunner().invoke(main, ["index", str(imgs), "--batch-size", "8", *opts(clean)]).exit_code == 0  # fmt: skip
     want = snapshot(clean / "c.db")

@@ -103,7 +103,7 @@ def test_collection_repairs_torn_rows_and_cut_vectors(tmp_path, monkeypatch):
     import pipeline
     from pipeline import api
 
-    monkeypatch.setattr(api, "cached_embedder", lambda w, b, p="avg": fakes.fake_embedder(b, p))
+    monkeypatch.setattr(api, "cached_embedder", fakes.cached)
     fakes.make_images(tmp_path / "imgs", 6)
     pipeline.index(
         [tmp_path / "imgs"], catalog=str(tmp_path / "c.db"), index_dir=str(tmp_path / "i")
