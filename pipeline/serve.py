@@ -38,10 +38,14 @@ def required_token(host: str, token: str | None, no_auth: bool) -> str | None:
     return token or None
 
 
+# Concurrent uploads are embedded together, up to this many per forward pass.
+MICRO_BATCH = 8
+
+
 def open_app(settings: Settings, **options: Any) -> Flask:
-    """The app over the settings' collection, its model loaded once for one image at a time."""
+    """The app over the settings' collection, its model loaded once (micro-batches of uploads)."""
     coll = api.open_collection(settings)
-    embedder = api.embedder_for(settings, coll, batch_size=1)
+    embedder = api.embedder_for(settings, coll, batch_size=MICRO_BATCH)
     return create_app(coll, embedder, settings, **options)
 
 

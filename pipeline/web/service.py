@@ -24,6 +24,7 @@ from pipeline.decode import DecodeError
 from pipeline.embed import Embedder
 from pipeline.errors import CbirError, NotFoundError
 from pipeline.thumbs import thumbnail_bytes
+from pipeline.web.batcher import MicroBatcher
 from pipeline.web.carry import CarriedQuery, from_upload
 from pipeline.web.failures import CATALOG_BUSY, BadRequest
 from pipeline.web.params import SearchParams
@@ -31,21 +32,6 @@ from pipeline.web.redact import Redactor
 from pipeline.web.slots import Busy, DecodeSlots, decode_cost
 
 MAX_ID = 2**63 - 1  # larger ids cannot be in SQLite; refuse them before asking
-
-
-class SerialEmbedder:
-    """The shared model, one forward pass at a time (each already uses every core)."""
-
-    def __init__(self, inner: Embedder):
-        self.inner = inner
-        self._lock = threading.Lock()
-
-    def embed(self, pixels: np.ndarray) -> np.ndarray:
-        with self._lock:
-            return self.inner.embed(pixels)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.inner, name)  # fingerprint, batch_size, source, ...: the model's own
 
 
 class Service:
@@ -63,7 +49,8 @@ class Service:
             raise CbirError(f"catalog {coll.path} has no indexed images yet")
         coll.check_embedder(embedder)
         self.coll, self.settings, self.slots = coll, settings, slots
-        self.embedder = SerialEmbedder(embedder)
+        # Concurrent uploads share forward passes (one at a time, each on every core).
+        self.embedder = MicroBatcher(embedder, max_batch=embedder.batch_size)
         self.thumbs = Path(thumbs_dir or coll.path.with_suffix(".thumbs"))
         self.redact = Redactor(
             [coll.path.parent, coll.vectors_path.parent, coll.index_dir, self.thumbs]
