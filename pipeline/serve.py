@@ -101,6 +101,9 @@ def running(app: Flask, threads: int = DEFAULT_THREADS) -> Iterator[str]:
     finally:
         # Closed from the loop's own thread: closing its sockets from this one races its
         # select() (EBADF). With its map empty, the loop returns.
-        server.trigger.pull_trigger(lambda: wasyncore.close_all(server._map))
+        try:
+            server.trigger.pull_trigger(lambda: wasyncore.close_all(server._map))
+        except OSError:  # the loop has closed its sockets, the trigger included, already
+            pass
         thread.join(timeout=10)
         server.task_dispatcher.shutdown()
