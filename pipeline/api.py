@@ -171,14 +171,26 @@ class Upload:
     data: bytes
 
 
-Query = int | str | Upload
+@dataclass(frozen=True)
+class Pixels:
+    """An image already decoded to model input ((224, 224, 3) uint8), queried like a file.
+
+    The web server decodes uploads within its memory budget, then lets many
+    decoded queries meet in one forward pass.
+    """
+
+    name: str
+    pixels: np.ndarray
+
+
+Query = int | str | Upload | Pixels
 
 
 def _expand_queries(queries: list[Query]) -> list[Query]:
     """Folders become their image files (sorted); ids, files and uploads stay."""
     out: list[Query] = []
     for q in queries:
-        if isinstance(q, Upload):
+        if isinstance(q, Upload | Pixels):
             out.append(q)
         elif isinstance(q, int | np.integer):
             out.append(config.check("id", int(q), spec=config.ID))
@@ -210,7 +222,7 @@ def search_in(
     relevant=(),
     not_relevant=(),
 ) -> list[dict[str, Any]]:
-    """Top-k results of each query (catalog id, image file or upload) in an open collection.
+    """Top-k results of each query (catalog id, image file, upload or decoded pixels).
 
     Returns one dict per query: {"query", "query_id", "results": [...]} and,
     for an image that cannot be decoded, "error" instead of results.
@@ -232,19 +244,20 @@ def search_in(
             answers.append({"query": row["path"], "query_id": q})
             vecs.append(coll.vectors([q])[0])
             continue
-        name = q.name if isinstance(q, Upload) else q
+        name = q.name if isinstance(q, Upload | Pixels) else q
         answers.append({"query": name, "query_id": None})
         try:
-            decoded = (
-                decode_bytes(q.data, s.max_pixels)
-                if isinstance(q, Upload)
-                else decode_file(q, s.max_pixels)
-            )
+            if isinstance(q, Pixels):
+                decoded = q.pixels
+            elif isinstance(q, Upload):
+                decoded = decode_bytes(q.data, s.max_pixels).pixels
+            else:
+                decoded = decode_file(q, s.max_pixels).pixels
         except DecodeError as e:
             answers[-1]["error"] = f"cannot use query image {name}: {e}"
             vecs.append(None)
             continue
-        pixels.append(decoded.pixels)
+        pixels.append(decoded)
         pixel_slots.append(len(vecs))
         vecs.append(None)
     if pixels:

@@ -840,7 +840,7 @@ def bench_serve_cmd(
     )
     for result in results:
         click.echo(json.dumps(result))
-    if any(r["errors"] or r["wrong"] for r in results):
+    if any(r.get("errors") or r.get("wrong") for r in results):
         sys.exit(1)
 
 

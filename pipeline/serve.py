@@ -7,6 +7,7 @@ loopback address, the server requires a token unless told `--no-auth`.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 from collections.abc import Iterator
@@ -101,9 +102,8 @@ def running(app: Flask, threads: int = DEFAULT_THREADS) -> Iterator[str]:
     finally:
         # Closed from the loop's own thread: closing its sockets from this one races its
         # select() (EBADF). With its map empty, the loop returns.
-        try:
+        # OSError: the loop has closed its sockets, the trigger included, already.
+        with contextlib.suppress(OSError):
             server.trigger.pull_trigger(lambda: wasyncore.close_all(server._map))
-        except OSError:  # the loop has closed its sockets, the trigger included, already
-            pass
         thread.join(timeout=10)
         server.task_dispatcher.shutdown()

@@ -55,12 +55,39 @@ def bench_serve(
     threads: int = DEFAULT_THREADS,
     kinds: tuple[str, ...] = ("upload", "id"),
 ) -> list[dict[str, Any]]:
-    """One result per kind: requests, errors, wrong answers, requests/s, p50 and p99 in ms."""
+    """One result per kind: requests, errors, wrong answers, requests/s, p50 and p99 in ms.
+
+    First, the model alone: images/s of the server's model on the same images in
+    batches of its size (the micro-batch), so uploads/s can be read as a share of it.
+    """
     app = open_app(settings)
-    items = _items(app.extensions["cbir"].coll.db, images)
-    results = []
+    service = app.extensions["cbir"]
+    items = _items(service.coll.db, images)
+    model = _model_throughput(service.embedder.inner, [p for _, p in items], settings.max_pixels)
+    results = [{"kind": "model alone", "images_per_s": round(model, 1)}]
     with running(app, threads) as url:
         for kind in kinds:
             job = Job(url, kind, items, concurrency, seconds, requests, k=settings.k)
-            results.append({**run_in_process(job), "threads": threads})
+            result = {**run_in_process(job), "threads": threads}
+            if kind == "upload":
+                result["share_of_model"] = round(result["requests_per_s"] / model, 3)
+            results.append(result)
     return results
+
+
+def _model_throughput(embedder, paths: list[str], max_pixels: int) -> float:
+    """Images/s of the model alone on these images, in batches of its batch size (median of 3)."""
+    import statistics
+    import time
+
+    from pipeline.decode import decode_file
+
+    pixels = np.stack([decode_file(p, max_pixels).pixels for p in paths])
+    embedder.embed(pixels[: embedder.batch_size])  # warm-up
+    rates = []
+    for _ in range(3):
+        started = time.perf_counter()
+        for i in range(0, len(pixels), embedder.batch_size):
+            embedder.embed(pixels[i : i + embedder.batch_size])
+        rates.append(len(pixels) / (time.perf_counter() - started))
+    return statistics.median(rates)

@@ -100,4 +100,4 @@ def test_int8_finds_edited_copies_as_often_as_fp32(weights):
         top = np.argmax(q @ db.T, axis=1)
         hits[name] = int(sum(t == i for t, (i, _) in zip(top, queries, strict=True)))
     print(f"edited copies found at rank 1, of {len(queries)}: {hits}")
-    assert hits["openvino int8"] >= hits["keras fp32"] - 1  # one image's worth of noise
+    assert hits["openvino int8"] >= hits["keras fp32"]  # measured: 349 of 350 both

@@ -20,7 +20,7 @@ import numpy as np
 from pipeline import api, catalog, indexes, vectors
 from pipeline.collection import Collection
 from pipeline.config import Settings
-from pipeline.decode import DecodeError
+from pipeline.decode import DecodeError, decode_bytes
 from pipeline.embed import Embedder
 from pipeline.errors import CbirError, NotFoundError
 from pipeline.thumbs import thumbnail_bytes
@@ -75,15 +75,20 @@ class Service:
 
         def run() -> dict[str, Any]:
             return api.search_in(
-                self.coll, [query], settings, lambda: self.embedder,
+                self.coll, [query], settings, lambda: self.embedder,  # noqa: B023
                 allow_stale=params.allow_stale, **params.feedback(),
             )[0]  # fmt: skip
 
         if isinstance(query, api.Upload):
+            # Only the decoding holds a slot of the memory budget: the small decoded
+            # pixels then wait for a micro-batch with those of other requests.
             with self.slots.hold(decode_cost(query.data)):
-                answer = run()
-        else:
-            answer = run()
+                try:
+                    decoded = decode_bytes(query.data, settings.max_pixels).pixels
+                except DecodeError as e:
+                    raise BadRequest(f"cannot use query image {query.name}: {e}") from None
+            query = api.Pixels(query.name, decoded)
+        answer = run()
         if "error" in answer:
             raise BadRequest(answer["error"])
         return answer
