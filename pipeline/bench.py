@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import statistics
 import tempfile
 import time
@@ -299,3 +300,51 @@ def _plot(rows: list[dict[str, Any]], out: Path) -> None:
         ax.legend()
         fig.tight_layout()
         fig.savefig(out / f"recall-qps-{size}.png")
+
+
+def bench_coldstart(
+    settings: Settings, image: str, runs: int = 10, log: Any = print
+) -> dict[str, Any]:
+    """Seconds and peak memory of `cbir search IMAGE` in a new process, median of `runs`.
+
+    What a user waits for on the command line: Python, imports, opening the
+    catalog and the index, loading the model (from the runtime's cache), one
+    image through it, and the answer.
+    """
+    import os
+    import resource
+    import subprocess
+    import sys
+
+    command = [sys.executable, "-m", "pipeline.cli", "search", image, "-k", "10"]
+    command += ["--catalog", settings.catalog, "--index-dir", settings.index_dir]
+    env = {**os.environ, "CBIR_WEIGHTS": settings.weights}
+    subprocess.run(command, env=env, capture_output=True, check=False)  # fills the caches
+    seconds, peaks = [], []
+    for _ in range(runs):
+        started = time.perf_counter()
+        done = subprocess.run(command, env=env, capture_output=True, text=True)
+        seconds.append(time.perf_counter() - started)
+        if done.returncode:
+            raise CbirError(f"cbir search failed: {done.stderr.strip().splitlines()[-1]}")
+        # ru_maxrss of children is the largest so far: each run is measured alone
+        # only if it is the largest, so report the maximum, not a per-run figure.
+        peaks.append(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024)
+    tf = (
+        "tensorflow"
+        in subprocess.run(
+            [sys.executable, "-X", "importtime", *command[1:]],
+            env=env,
+            capture_output=True,
+            text=True,
+        ).stderr
+    )
+    result = {
+        "runs": runs,
+        "median_s": round(statistics.median(seconds), 3),
+        "max_s": round(max(seconds), 3),
+        "peak_rss_mb": round(max(peaks), 1),
+        "imports_tensorflow": tf,
+    }
+    log(json.dumps(result))
+    return result

@@ -235,3 +235,15 @@ def bench_serve_cmd(
         click.echo(json.dumps(result))
     if any(r.get("errors") or r.get("wrong") for r in results):
         sys.exit(1)
+
+
+@bench_group.command("coldstart")
+@click.argument("image")
+@click.option("--runs", type=typed(OPTIONS["repeats"]), default=10, show_default=True)
+@runtime_options
+@common_options
+def bench_coldstart_cmd(image: str, runs: int, **options) -> None:
+    """Seconds and peak memory of `cbir search IMAGE` in a new process (median of RUNS)."""
+    from pipeline.bench import bench_coldstart
+
+    bench_coldstart(api.settings_for(**options), image, runs, log=click.echo)

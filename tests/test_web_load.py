@@ -101,7 +101,8 @@ def test_bench_serve(collection):
     assert done.returncode == 0, done.stderr
     results = [json.loads(line) for line in done.stdout.splitlines()]
     print("\n" + "\n".join(done.stdout.splitlines()))
-    assert [r["kind"] for r in results] == ["upload", "id"]
-    for r in results:
+    assert [r["kind"] for r in results] == ["model alone", "upload", "id"]
+    assert results[0]["images_per_s"] > 0 and results[1]["share_of_model"] > 0
+    for r in results[1:]:
         assert r["concurrency"] == 4 and r["errors"] == 0 and r["wrong"] == 0
         assert r["requests"] > 0 and r["requests_per_s"] > 0 and 0 < r["p50_ms"] <= r["p99_ms"]
