@@ -120,23 +120,20 @@ def calibration_for(s: Settings, coll: Collection | None, todo: list[str]) -> li
 
 
 def embedder_for(
-    s: Settings, coll: Collection | None = None, batch_size: int = 0, todo: list[str] = ()
+    s: Settings, coll: Collection, batch_size: int = 0, todo: list[str] = ()
 ) -> Embedder:
     """The model for this catalog (weights, pooling, runtime, precision as `model_choice` and
     `producer_choice` pick them), checked against the catalog's family and producer.
 
     `todo` (the images a job is about to index) seeds int8 calibration on a new catalog.
     """
-    if coll is None and os.path.exists(s.catalog):
-        coll = open_collection(s)
     weights, pooling = model_choice(s, coll)
     runtime, precision = producer_choice(s, coll)
     calibration = calibration_for(s, coll, list(todo)) if precision == "int8" else []
     embedder = cached_embedder(
         weights, batch_size or s.batch_size, pooling, runtime, precision, tuple(calibration)
     )
-    if coll is not None:
-        coll.check_embedder(embedder, s.allow_mixed, calibration)
+    coll.check_embedder(embedder, s.allow_mixed, calibration)
     return embedder
 
 

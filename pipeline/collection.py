@@ -92,11 +92,7 @@ class Collection:
 
     def vectors(self, ids) -> np.ndarray:
         """Copies of the stored vectors of `ids` (committed ids only)."""
-        ids = np.asarray(ids, dtype=np.int64)
-        rows = self.rows()
-        if len(ids) and (ids.min() < 0 or ids.max() >= len(rows)):
-            raise CbirError(f"vector id out of range (0..{len(rows) - 1})")
-        return np.array(rows[ids], dtype=np.float32)
+        return vectors.take(self.rows(), ids)
 
     # --- the model ----------------------------------------------------------------------
 

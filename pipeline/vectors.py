@@ -120,9 +120,14 @@ def open_rows(path: Path, dim: int, rows: int) -> np.ndarray:
     return np.memmap(path, dtype=np.float32, mode="r", shape=(rows, dim))
 
 
-def read(path: Path, dim: int, rows: int, ids) -> np.ndarray:
-    """Copy the vectors of `ids` into memory."""
+def take(rows: np.ndarray, ids) -> np.ndarray:
+    """Copies of rows[ids], refusing ids outside the committed rows."""
     ids = np.asarray(ids, dtype=np.int64)
-    if len(ids) and (ids.min() < 0 or ids.max() >= rows):
-        raise CbirError(f"vector id out of range (0..{rows - 1})")
-    return np.array(open_rows(path, dim, rows)[ids], dtype=np.float32)
+    if len(ids) and (ids.min() < 0 or ids.max() >= len(rows)):
+        raise CbirError(f"vector id out of range (0..{len(rows) - 1})")
+    return np.array(rows[ids], dtype=np.float32)
+
+
+def read(path: Path, dim: int, rows: int, ids) -> np.ndarray:
+    """Copy the vectors of `ids` from the first `rows` committed rows of the file."""
+    return take(open_rows(path, dim, rows), ids)
