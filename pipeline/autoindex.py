@@ -3,7 +3,8 @@
 `choose` is a pure function, after autofaiss: (vector count, dimension, memory
 budget) -> a FAISS factory string and search parameters. `tune` then raises
 nprobe or efSearch until recall@10, measured against exact search on queries
-sampled from the collection itself, reaches the target.
+sampled from the collection itself, reaches the target. (`growing` updates
+an IVF index without retraining.)
 """
 
 from __future__ import annotations
@@ -13,12 +14,13 @@ import math
 import re
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import faiss
 import numpy as np
 
-from pipeline import catalog, exact, indexes
+from pipeline import catalog, exact, indexes, shards
 from pipeline.errors import CbirError
 from pipeline.metrics import recall_at
 from pipeline.ranking import ranked
@@ -161,7 +163,11 @@ def tune(
     index: faiss.Index, probe: RecallProbe, target: float, params: dict[str, float]
 ) -> dict[str, float]:
     """Smallest nprobe / efSearch (doubling) that reaches `target` recall; else the largest tried."""
-    inner = faiss.downcast_index(faiss.downcast_index(index).index)
+    inner = faiss.try_extract_index_ivf(index)  # a bare IVF, or one under IDMap2 / a transform
+    if inner is None:
+        inner = faiss.downcast_index(index)
+        if isinstance(inner, faiss.IndexIDMap | faiss.IndexIDMap2):
+            inner = faiss.downcast_index(inner.index)
     if isinstance(inner, faiss.IndexIVF):
         key, values = (
             "nprobe",
@@ -186,31 +192,53 @@ def build_and_save(
     params: dict[str, float] | None = None,
     target_recall: float | None = None,
     note: str | None = None,
+    sharding: shards.Sharding | None = None,
 ) -> dict[str, Any]:
     """Build, persist and record an index with its measured recall@10; returns the record.
 
     With `target_recall`, search parameters (nprobe, efSearch) are raised
-    until the measured recall@10 reaches it.
+    until the measured recall@10 reaches it. With `sharding`, an IVF index is
+    built in shards and merged on disk (`shards.build_ondisk`); the returned
+    record then also has `timings` (train, add, merge seconds).
     """
     indexes.index_path(coll.index_dir, name)  # refuse a bad name before any work
     gen = coll.generation
     started = time.perf_counter()
-    index = indexes.build(coll, factory, params)
+    data, timings = None, {}
+    if sharding is None:
+        index = indexes.build(coll, factory, params)
+    else:
+        index, data, timings = shards.build_ondisk(coll, name, factory, sharding, params)
     seconds = time.perf_counter() - started
-    params = dict(params or {})
-    recall = 1.0
-    if factory != indexes.EXACT_FACTORY:
-        probe = recall_probe(coll)
-        if target_recall:
-            params = tune(index, probe, target_recall, params)
-        recall = measure_recall(index, probe, params)
-    record = {
-        "factory": factory,
-        "params": json.dumps(params),
-        "generation": gen,
-        "build_seconds": round(seconds, 3),
-        "built_at": catalog.now(),
-        "recall_at_10": round(recall, 4),
-        "note": note,
-    }
-    return indexes.save(coll, name, index, record)
+    try:
+        params = dict(params or {})
+        recall = 1.0
+        if factory != indexes.EXACT_FACTORY:
+            probe = recall_probe(coll)
+            if target_recall:
+                params = tune(index, probe, target_recall, params)
+            recall = measure_recall(index, probe, params)
+        record = {
+            "factory": factory,
+            "params": json.dumps(params),
+            "generation": gen,
+            "build_seconds": round(seconds, 3),
+            "built_at": catalog.now(),
+            "recall_at_10": round(recall, 4),
+            "note": note,
+            "trained_recall": round(recall, 4),
+        }
+        saved = indexes.save(coll, name, index, record, data)
+    except BaseException:
+        discard_unpublished(coll, name, data)
+        raise
+    return {**saved, "timings": timings} if timings else saved
+
+
+def discard_unpublished(coll, name: str, data: Path | None) -> None:
+    """Remove a new .ivfdata that no committed record names (a failed build or update)."""
+    if data is None:
+        return
+    record = catalog.index_record(coll.db, name)
+    if not record or record.get("file") != data.with_suffix(".faiss").name:
+        indexes.remove_files([data])

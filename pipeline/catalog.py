@@ -29,7 +29,7 @@ import sqlite_utils
 from pipeline import faults
 from pipeline.errors import CbirError
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 # PRAGMA application_id of a cbir catalog ("cbir"), so a foreign SQLite file is told apart.
 APP_ID = 0x63626972
 
@@ -102,6 +102,13 @@ MIGRATIONS: list[list[str]] = [
         "alter table images add column file_key text",
         "create index idx_images_file_key on images (file_key)",
         f"pragma application_id = {APP_ID}",
+    ],
+    # Growing and on-disk indexes: the recall@10 measured when the index was last trained
+    # (an update that falls further below it is refused: a retrain is due), and the size
+    # of an on-disk index's inverted-list file NAME+TAG.ivfdata (NULL for a one-file index).
+    [
+        "alter table indexes add column trained_recall float",
+        "alter table indexes add column data_bytes integer",
     ],
 ]
 assert len(MIGRATIONS) == SCHEMA_VERSION
@@ -452,6 +459,8 @@ INDEX_COLUMNS = (
     "built_at",
     "note",
     "file",
+    "trained_recall",
+    "data_bytes",
 )
 
 

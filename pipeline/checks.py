@@ -12,6 +12,7 @@ import numpy as np
 
 from pipeline import catalog, indexes, vectors
 from pipeline.collection import Collection
+from pipeline.errors import CbirError
 
 
 def collection_info(coll: Collection) -> dict[str, Any]:
@@ -31,6 +32,8 @@ def collection_info(coll: Collection) -> dict[str, Any]:
     idx = []
     for rec in catalog.index_records(db):
         path = indexes.index_path(coll.index_dir, rec["name"], rec)
+        data = indexes.data_path(path) if indexes.is_ondisk(rec) else None
+        missing = not path.exists() or (data is not None and not data.exists())
         idx.append(
             {
                 "name": rec["name"],
@@ -39,7 +42,11 @@ def collection_info(coll: Collection) -> dict[str, Any]:
                 "vectors": rec["ntotal"],
                 "bytes": path.stat().st_size if path.exists() else None,
                 "file": str(path),
-                "stale": indexes.is_stale(coll, rec) or not path.exists(),
+                # an on-disk index: its inverted lists (NAME+TAG.ivfdata) and their size
+                "data_file": str(data) if data is not None else None,
+                "data_bytes": data.stat().st_size if data is not None and data.exists() else None,
+                "trained_recall": rec.get("trained_recall"),
+                "stale": indexes.is_stale(coll, rec) or missing,
                 "recall_at_10": rec["recall_at_10"],
                 "note": rec.get("note"),
                 "build_seconds": rec["build_seconds"],
@@ -187,6 +194,21 @@ def _verify(coll: Collection) -> dict[str, Any]:
             else:
                 problems.append(f"index {rec['name']}: file {path} is missing")
             continue
+        data = indexes.data_path(path)
+        if indexes.is_ondisk(rec) and not data.exists():
+            problems.append(
+                f"index {rec['name']}: its inverted-list file {data} is missing; "
+                f"run 'cbir build-index {rec['name']}'"
+            )
+            continue
+        if indexes.is_ondisk(rec) and data.stat().st_size != rec["data_bytes"]:
+            # Checked before FAISS maps it: reading past the end of a short one is a SIGBUS.
+            problems.append(
+                f"index {rec['name']}: its inverted-list file {data} is {data.stat().st_size:,} "
+                f"bytes, its record says {rec['data_bytes']:,} (truncated or replaced); "
+                f"run 'cbir build-index {rec['name']}'"
+            )
+            continue
         if not indexes.matches_file(rec, path):
             message = (
                 f"index {rec['name']}: the file does not match its record "
@@ -198,8 +220,8 @@ def _verify(coll: Collection) -> dict[str, Any]:
                 problems.append(message)
             continue
         try:
-            index = indexes.read(path)
-        except RuntimeError as e:
+            index = indexes.read(path, ondisk=indexes.is_ondisk(rec))
+        except (RuntimeError, MemoryError) as e:
             problems.append(f"index {rec['name']}: unreadable ({str(e).strip().splitlines()[-1]})")
             continue
         checked["indexes"] += 1
@@ -210,7 +232,11 @@ def _verify(coll: Collection) -> dict[str, Any]:
         if indexes.is_stale(coll, rec):
             notes.append(f"index {rec['name']} is stale (catalog changed since it was built)")
             continue
-        held = indexes.stored_ids(index)
+        try:
+            held = indexes.stored_ids(index)  # IDMap2's map, or a bare IVF's inverted lists
+        except (CbirError, RuntimeError) as e:
+            problems.append(f"index {rec['name']}: cannot list its ids ({e})")
+            continue
         if not np.array_equal(held, ids):
             missing = len(np.setdiff1d(ids, held))
             extra = len(np.setdiff1d(held, ids))
@@ -226,9 +252,12 @@ def _verify(coll: Collection) -> dict[str, Any]:
             want = np.asarray(coll.rows()[sample])
             if not np.allclose(got, want, atol=1e-6):
                 problems.append(f"index {rec['name']}: vectors differ from the vector file")
-    known = {indexes.index_path(index_dir, r["name"], r).name for r in catalog.index_records(db)}
+    known = set()
+    for r in catalog.index_records(db):
+        path = indexes.index_path(index_dir, r["name"], r)
+        known |= {path.name, indexes.data_path(path).name} if indexes.is_ondisk(r) else {path.name}
     if Path(index_dir).is_dir():
-        for f in sorted(Path(index_dir).glob("*.faiss")):
+        for f in sorted([*Path(index_dir).glob("*.faiss"), *Path(index_dir).glob("*.ivfdata")]):
             if f.name not in known:
                 notes.append(f"index file {f} is not recorded in this catalog")
     return {"ok": not problems, "problems": problems, "notes": notes, "checked": checked}

@@ -2,18 +2,27 @@
 
 Every index is an inner-product index over catalog ids. The exact one is
 `IndexFlatIP`; approximate ones come from any FAISS index factory string.
-Each index's record in the catalog holds the catalog generation it was built
+IVF indexes (also under a pre-transform such as OPQ or PCA) are kept bare:
+they store catalog ids in their inverted lists, so they can grow and shrink
+(`add_with_ids`, `remove_ids`) and be merged on disk (`shards`); every other
+type is wrapped in `IndexIDMap2`. An on-disk index is two files,
+`NAME+TAG.faiss` and the inverted lists `NAME+TAG.ivfdata` beside it. Each
+index's record in the catalog holds the catalog generation it was built
 from, so a stale index is detected rather than silently served.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import json
 import os
 import re
+import sys
+import threading
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -38,14 +47,25 @@ def index_path(index_dir: str | Path, name: str, record: dict[str, Any] | None =
     return Path(index_dir) / f"{name}.faiss"
 
 
+def data_path(path: Path) -> Path:
+    """The inverted-list file of an on-disk index: NAME+TAG.faiss -> NAME+TAG.ivfdata."""
+    return path.with_suffix(".ivfdata")
+
+
 def _own_files(index_dir: Path, name: str) -> list[Path]:
-    """Every file a build of `name` may have left: NAME.faiss, NAME+TAG.faiss, temporaries.
+    """Every file a build of `name` may have left: NAME.faiss, NAME+TAG.faiss and .ivfdata,
+    the trained and shard temporaries of a sharded build (.NAME+TAG.trained.faiss,
+    .NAME+TAG.shardK.faiss), and the temporaries of atomic writes.
 
     '+' cannot occur in an index name, so no other index's files match.
     """
     if not index_dir.is_dir():
         return []
-    ours = re.compile(rf"^\.?{re.escape(name)}(\+[0-9a-f]+)?\.faiss(\.\d+\.tmp)?$")
+    # A kind (trained, shardK) only after a tag: 'a.trained.faiss' is index 'a.trained''s file.
+    ours = re.compile(
+        rf"^\.?{re.escape(name)}(\+[0-9a-f]+(\.(trained|shard\d+))?)?"
+        r"\.(faiss|ivfdata)(\.\d+\.tmp)?$"
+    )
     return [f for f in index_dir.iterdir() if ours.match(f.name)]
 
 
@@ -90,12 +110,31 @@ def apply_params(index: faiss.Index, params: dict[str, float]) -> None:
             raise CbirError(f"this index has no search parameter {key!r}") from None
 
 
+def ivf_core(index: Any) -> faiss.IndexIVF | None:
+    """The IVF index `index` is, directly or under a pre-transform (OPQ, PCA); else None.
+
+    None also for an IVF wrapped in IndexIDMap2 (built by an older cbir): its
+    ids live in the wrapper, so it cannot grow or be merged on disk.
+    """
+    if not isinstance(index, faiss.Index):
+        return None
+    idx = faiss.downcast_index(index)
+    if isinstance(idx, faiss.IndexPreTransform):
+        idx = faiss.downcast_index(idx.index)
+    return idx if isinstance(idx, faiss.IndexIVF) else None
+
+
 def make_index(factory: str, dim: int) -> faiss.Index:
-    """An empty inner-product index from a factory string, mapping our ids."""
+    """An empty inner-product index from a factory string, holding catalog ids.
+
+    IVF indexes stay bare (their inverted lists hold the ids; FAISS'
+    IndexIDMap.remove_ids is wrong for IVF); every other type is wrapped in
+    IndexIDMap2, which gives it add_with_ids and reconstruct by id.
+    """
     if re.search(r"\bIDMap2?\b", factory):
         raise CbirError(
             f"invalid FAISS factory string {factory!r}: leave out IDMap/IDMap2, "
-            "cbir wraps every index in IDMap2 itself"
+            "cbir maps catalog ids itself"
         )
     lists = max((int(n) for n in re.findall(r"IVF(\d+)", factory)), default=0)
     if lists > config.IVF_LISTS_MAX:
@@ -111,25 +150,30 @@ def make_index(factory: str, dim: int) -> faiss.Index:
         raise CbirError(f"invalid FAISS factory string {factory!r}: {first}") from None
     except MemoryError:
         raise CbirError(f"not enough memory to create a {factory!r} index", 1) from None
-    # IndexIDMap2 gives every index type add_with_ids and reconstruct by id.
+    if ivf_core(inner) is not None:
+        return inner
     return faiss.IndexIDMap2(inner)
 
 
-def fill(
-    index: faiss.Index,
-    rows: np.ndarray,
-    ids: np.ndarray,
-    factory: str = "",
-    crcs: dict[int, int | None] | None = None,
-) -> None:
-    """Train `index` on (a sample of) rows[ids] if it needs it, then add them in chunks.
+TRAIN_ROWS = 200_000
 
-    `rows` may be a memory map of any size: at most 200,000 rows are trained on
-    and 65,536 are in memory at a time. With `crcs` (id -> recorded checksum)
-    every row is checked before it is added, so no index is built from a
-    damaged vector file. FAISS failures (too few vectors for the index type,
-    memory) become one-line CbirErrors.
-    """
+
+def training_sample(ids: np.ndarray) -> np.ndarray:
+    """The ids an index trains on: all of them, or a fixed sample of TRAIN_ROWS (seed 0)."""
+    if len(ids) <= TRAIN_ROWS:
+        return ids
+    return np.sort(np.random.default_rng(0).choice(ids, TRAIN_ROWS, replace=False))
+
+
+def _faiss_failure(e: BaseException, factory: str, n: int) -> CbirError:
+    if isinstance(e, MemoryError):
+        return CbirError(f"not enough memory to build {factory!r} on {n} vectors", 1)
+    last = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+    return CbirError(f"cannot build {factory!r} on {n} vectors: {last}")
+
+
+def train(index: faiss.Index, rows: np.ndarray, ids: np.ndarray, factory: str = "") -> None:
+    """Train `index` (if it needs it) on training_sample(ids) of `rows`."""
     from pipeline.autoindex import ivf_lists
 
     ivf = faiss.try_extract_index_ivf(index)
@@ -139,12 +183,27 @@ def fill(
             f"cannot build {factory!r} on {len(ids)} vectors: {ivf.nlist:,} inverted lists "
             f"is more than the vectors; use about sqrt(vectors) lists, e.g. IVF{ivf_lists(len(ids))}"
         )
+    if index.is_trained:
+        return
     try:
-        if not index.is_trained:
-            sample = ids
-            if len(ids) > 200_000:
-                sample = np.sort(np.random.default_rng(0).choice(ids, 200_000, replace=False))
-            index.train(np.asarray(rows[sample], dtype=np.float32))
+        index.train(np.asarray(rows[training_sample(ids)], dtype=np.float32))
+    except (RuntimeError, MemoryError) as e:
+        raise _faiss_failure(e, factory, len(ids)) from None
+
+
+def add_rows(
+    index: faiss.Index,
+    rows: np.ndarray,
+    ids: np.ndarray,
+    crcs: dict[int, int | None] | None = None,
+    factory: str = "",
+) -> None:
+    """Add rows[ids] under their ids, 65,536 rows in memory at a time.
+
+    With `crcs` (id -> recorded checksum) every row is checked before it is
+    added, so no index is built from a damaged vector file.
+    """
+    try:
         for start in range(0, len(ids), 65536):
             chunk = ids[start : start + 65536]
             if crcs is not None:
@@ -157,13 +216,26 @@ def fill(
                         exit_code=1,
                     )
             index.add_with_ids(np.asarray(rows[chunk], dtype=np.float32), chunk)
-    except RuntimeError as e:
-        last = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
-        raise CbirError(f"cannot build {factory!r} on {len(ids)} vectors: {last}") from None
-    except MemoryError:
-        raise CbirError(
-            f"not enough memory to build {factory!r} on {len(ids)} vectors", 1
-        ) from None
+    except (RuntimeError, MemoryError) as e:
+        raise _faiss_failure(e, factory, len(ids)) from None
+
+
+def fill(
+    index: faiss.Index,
+    rows: np.ndarray,
+    ids: np.ndarray,
+    factory: str = "",
+    crcs: dict[int, int | None] | None = None,
+) -> None:
+    """Train `index` on (a sample of) rows[ids] if it needs it, then add them in chunks.
+
+    `rows` may be a memory map of any size: at most TRAIN_ROWS rows are trained on
+    and 65,536 are in memory at a time. With `crcs` (id -> recorded checksum)
+    every row is checked before it is added. FAISS failures (too few vectors
+    for the index type, memory) become one-line CbirErrors.
+    """
+    train(index, rows, ids, factory)
+    add_rows(index, rows, ids, crcs, factory)
 
 
 def build(coll, factory: str, params: dict[str, float] | None = None) -> faiss.Index:
@@ -210,38 +282,78 @@ def write_atomic(index: faiss.Index, path: Path) -> int:
     return path.stat().st_size
 
 
-def save(coll, name: str, index: faiss.Index, record: dict[str, Any]) -> dict[str, Any]:
+def new_tag() -> str:
+    """The TAG of a build's files NAME+TAG.*: new for every build, so no live file is reused."""
+    return uuid.uuid4().hex[:12]
+
+
+def save(
+    coll, name: str, index: faiss.Index, record: dict[str, Any], data: Path | None = None
+) -> dict[str, Any]:
     """Persist `index` under a new file and commit its record; the record switches indexes.
 
+    `data` is the inverted-list file of an on-disk index (NAME+TAG.ivfdata,
+    written and fsynced already); the index file takes its name and TAG.
     Older files of this name (and temporaries of builds that crashed) are
     removed after the commit: nobody's any more, and this writer holds the lock.
     """
     index_path(coll.index_dir, name)  # refuse a bad name before any work
-    path = coll.index_dir / f"{name}+{uuid.uuid4().hex[:12]}.faiss"
+    if data is not None:
+        path = data.with_suffix(".faiss")
+    else:
+        path = coll.index_dir / f"{name}+{new_tag()}.faiss"
     size = write_atomic(index, path)
-    record = {**record, "name": name, "ntotal": int(index.ntotal), "bytes": size, "file": path.name}
+    record = {
+        **record,
+        "name": name,
+        "ntotal": int(index.ntotal),
+        "bytes": size,
+        "file": path.name,
+        "data_bytes": data.stat().st_size if data is not None else None,
+    }
     catalog.save_index_record(coll.db, record)
-    for old in _own_files(coll.index_dir, name):
-        if old != path:
-            with contextlib.suppress(OSError):
-                old.unlink()
-                faults.step(f"unlink {old.name}")
+    remove_leftovers(coll, name, record)
     return record
+
+
+def remove_leftovers(coll, name: str, record: dict[str, Any]) -> None:
+    """Remove every file of `name` that its committed `record` does not name (older builds,
+    temporaries of crashed ones); only a writer, holding the lock, calls this."""
+    path = index_path(coll.index_dir, name, record)
+    keep = {path, data_path(path)} if is_ondisk(record) else {path}
+    remove_files([f for f in _own_files(coll.index_dir, name) if f not in keep])
+
+
+def remove_files(files: list[Path]) -> None:
+    """Unlink files nobody's record names any more (each a write step); gone ones are fine."""
+    for f in files:
+        with contextlib.suppress(OSError):
+            f.unlink()
+            faults.step(f"unlink {f.name}")
 
 
 def is_stale(coll, record: dict[str, Any] | None) -> bool:
     return record is None or record["generation"] != coll.generation
 
 
-def matches_file(record: dict[str, Any] | None, path: Path) -> bool:
-    """Whether the index file is the one its record describes (same size).
+def is_ondisk(record: dict[str, Any] | None) -> bool:
+    """Whether the record describes an on-disk index (with a NAME+TAG.ivfdata file)."""
+    return bool(record) and record.get("data_bytes") is not None
 
-    Each build writes a new file before its record commits, so this only
-    fails for a file replaced or damaged behind cbir's back (or one written
-    by an older cbir, which renamed over the file the record described).
+
+def matches_file(record: dict[str, Any] | None, path: Path) -> bool:
+    """Whether the index file (and an on-disk index's .ivfdata) is what its record describes.
+
+    Each build writes new files before its record commits, so this only
+    fails for a file replaced, truncated or removed behind cbir's back (or one
+    written by an older cbir, which renamed over the file the record
+    described). A short .ivfdata must be caught here: FAISS maps it whole, and
+    reading past its end would kill the process (SIGBUS).
     """
     try:
-        return record is not None and path.stat().st_size == record["bytes"]
+        if record is None or path.stat().st_size != record["bytes"]:
+            return False
+        return not is_ondisk(record) or data_path(path).stat().st_size == record["data_bytes"]
     except OSError:
         return False
 
@@ -309,7 +421,7 @@ def _read_checked(path: Path, record: dict[str, Any], dim: int, mmap: bool | Non
     """Read an index file and check it is the index its record describes."""
     name = record["name"]
     try:
-        index = read(path, mmap)
+        index = read(path, mmap, ondisk=is_ondisk(record))
     except (RuntimeError, MemoryError):
         index = None
     if index is None or index.d != dim or index.ntotal != record["ntotal"]:
@@ -328,8 +440,16 @@ MMAP_BYTES = 1 << 30
 EXACT_FROM_FILE_BYTES = 2 << 30
 
 
-def read(path: Path, mmap: bool | None = None) -> faiss.Index:
-    """Read an index file, memory-mapped when large (or asked) and the type allows it."""
+def read(path: Path, mmap: bool | None = None, ondisk: bool = False) -> faiss.Index:
+    """Read an index file, memory-mapped when large (or asked) and the type allows it.
+
+    An on-disk index (`ondisk`) always maps its .ivfdata read-only, found
+    beside the index file (IO_FLAG_ONDISK_SAME_DIR), so the folder can move.
+    """
+    if ondisk:
+        flags = faiss.IO_FLAG_ONDISK_SAME_DIR | faiss.IO_FLAG_READ_ONLY
+        with quiet():
+            return faiss.read_index(str(path), flags)
     if mmap is None:
         mmap = path.stat().st_size >= MMAP_BYTES
     if mmap:
@@ -343,5 +463,53 @@ def read(path: Path, mmap: bool | None = None) -> faiss.Index:
 
 
 def stored_ids(index: faiss.Index) -> np.ndarray:
-    """The catalog ids an index holds, sorted."""
-    return np.sort(faiss.vector_to_array(faiss.downcast_index(index).id_map))
+    """The catalog ids an index holds, sorted: from IndexIDMap2's map, or an IVF's lists."""
+    outer = faiss.downcast_index(index)
+    if isinstance(outer, faiss.IndexIDMap | faiss.IndexIDMap2):
+        return np.sort(faiss.vector_to_array(outer.id_map))
+    ivf = ivf_core(index)
+    if ivf is None:
+        raise CbirError(f"cannot list the ids of a {type(outer).__name__} index", 1)
+    invlists = ivf.invlists
+    parts = [np.zeros(0, dtype=np.int64)]
+    for lst in range(ivf.nlist):
+        size = invlists.list_size(lst)
+        if size:
+            ptr = invlists.get_ids(lst)
+            parts.append(faiss.rev_swig_ptr(ptr, size).copy())
+            invlists.release_ids(lst, ptr)
+    return np.sort(np.concatenate(parts))
+
+
+_QUIET = threading.Lock()
+
+
+@contextlib.contextmanager
+def quiet() -> Iterator[None]:
+    """Silence what FAISS' on-disk code prints with C printf on stdout ("resizing ...",
+    "IO_FLAG_ONDISK_SAME_DIR: updating ..."), which would land in `cbir search --json`.
+
+    It swaps file descriptor 1 for /dev/null, for the whole process, only
+    while an on-disk index is read, merged or shrunk (serialised by a lock).
+    """
+    with _QUIET:
+        with contextlib.suppress(OSError, ValueError, AttributeError):
+            sys.stdout.flush()
+        try:
+            saved: int | None = os.dup(1)
+        except OSError:
+            saved = None  # no stdout at all: nothing to protect
+        if saved is None:
+            yield
+            return
+        libc = ctypes.CDLL(None)
+        libc.fflush(None)
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, 1)
+        os.close(devnull)
+        try:
+            yield
+        finally:
+            libc.fflush(None)  # C stdio buffers what it printed: out to /dev/null, not later
+            os.dup2(saved, 1)
+            os.close(saved)
