@@ -119,6 +119,16 @@ def calibration_for(s: Settings, coll: Collection | None, todo: list[str]) -> li
     return choose_calibration(todo)
 
 
+def embedder_args(
+    s: Settings, coll: Collection, batch_size: int = 0, todo: list[str] = ()
+) -> tuple[Any, ...]:
+    """The arguments of `cached_embedder` for this catalog's model (see `embedder_for`)."""
+    weights, pooling = model_choice(s, coll)
+    runtime, precision = producer_choice(s, coll)
+    calibration = calibration_for(s, coll, list(todo)) if precision == "int8" else []
+    return (weights, batch_size or s.batch_size, pooling, runtime, precision, tuple(calibration))
+
+
 def embedder_for(
     s: Settings, coll: Collection, batch_size: int = 0, todo: list[str] = ()
 ) -> Embedder:
@@ -127,13 +137,9 @@ def embedder_for(
 
     `todo` (the images a job is about to index) seeds int8 calibration on a new catalog.
     """
-    weights, pooling = model_choice(s, coll)
-    runtime, precision = producer_choice(s, coll)
-    calibration = calibration_for(s, coll, list(todo)) if precision == "int8" else []
-    embedder = cached_embedder(
-        weights, batch_size or s.batch_size, pooling, runtime, precision, tuple(calibration)
-    )
-    coll.check_embedder(embedder, s.allow_mixed, calibration)
+    args = embedder_args(s, coll, batch_size, todo)
+    embedder = cached_embedder(*args)
+    coll.check_embedder(embedder, s.allow_mixed, list(args[-1]))
     return embedder
 
 
@@ -142,22 +148,45 @@ def index(
     config: str | None = None,
     progress=None,
     on_total=None,
+    on_status=None,
     **options: Any,
 ) -> jobs.Summary:
-    """Index image folders, files or manifest CSVs into the catalog; incremental."""
+    """Index image folders, files or manifest CSVs into the catalog; incremental.
+
+    With engine="ray", decoding and the model run on Ray actors (`engine_ray`);
+    `on_status(text)` then hears the cluster's state (live actors) now and then.
+    """
     s = settings_for(config, **options)
     roots = [str(p) for p in (list(paths) or list(s.roots))]
     if not roots:
         raise CbirError("give at least one folder, image or manifest CSV (or 'roots' in a config)")
+    engine = None
+    if s.engine == "ray":
+        from pipeline import engine_ray, raycluster
+
+        raycluster.require()  # before the catalog is touched: one line, nothing written
     with writing(s.catalog, s.index_dir) as coll:
-        return jobs.run_index(
+        if s.engine == "ray":
+            # The actors build the very model the driver checked against the catalog:
+            # the same cached_embedder arguments, taken after the driver's check.
+            def loader(todo: list[str]) -> Callable[[], Embedder]:
+                return functools.partial(cached_embedder, *embedder_args(s, coll, todo=todo))
+
+            engine = engine_ray.RayEngine(
+                loader, s.ray_address or None, s.actors, on_status, s.actor_cpus
+            )
+        summary = jobs.run_index(
             roots,
             coll,
             lambda todo: embedder_for(s, coll, todo=todo),
             s,
             progress=progress,
             on_total=on_total,
+            engine=engine,
         )
+        if s.update_indexes:
+            summary.index_notes = update_indexes(coll)
+        return summary
 
 
 @dataclass(frozen=True)
@@ -315,6 +344,9 @@ def build_index(
     max_memory: str | int = config.MAX_MEMORY,
     target_recall: float | None = None,
     config: str | None = None,
+    engine: str | None = None,
+    shards: int | None = None,
+    update: bool = False,
     **options: Any,
 ) -> dict[str, Any]:
     """Build (or refresh, reusing its factory and parameters) a named index.
@@ -322,12 +354,30 @@ def build_index(
     auto=True chooses the factory for the collection size and `max_memory`
     and tunes nprobe / efSearch to `target_recall` (default 0.95). Every build
     measures recall@10 against exact search and records it in the catalog.
+
+    `shards` > 1 or engine="ray" build an IVF index in that many shards (Ray
+    tasks with "ray", else one after another here) merged into an on-disk
+    index; rebuilding an on-disk index keeps it on disk unless shards=1.
+    update=True grows an IVF index to the catalog without retraining (see
+    `growing.update_and_save`); it raises `growing.RetrainDue` when the
+    recall has fallen too far. `ray_address` (a setting) says which cluster.
     """
-    from pipeline import autoindex
+    from pipeline import autoindex, growing
+    from pipeline import shards as sharded
 
     s = settings_for(config, **options)
+    how = sharded.sharding(1 if shards is None else shards, engine or "local", s.ray_address)
     with writing(s.catalog, s.index_dir, create=False) as coll:
         previous = catalog.index_record(coll.db, name)
+        if update:
+            if factory or auto or params or target_recall:
+                raise CbirError(
+                    "--update keeps the index's factory and search parameters: leave out "
+                    "--factory, --auto, --param and --target-recall"
+                )
+            if name == indexes.EXACT:  # a plain copy of the vectors: rebuilding is the update
+                return autoindex.build_and_save(coll, name, indexes.EXACT_FACTORY)
+            return growing.update_and_save(coll, name, how)
         note = None
         parsed = indexes.parse_params(params)
         if auto:
@@ -352,7 +402,39 @@ def build_index(
             raise CbirError("the name 'exact' is reserved for the flat index; pick another name")
         if not parsed and previous and previous["factory"] == factory:
             parsed = json.loads(previous["params"] or "{}")
-        return autoindex.build_and_save(coll, name, factory, parsed, target_recall, note)
+        ondisk = how.shards > 1 or how.engine == "ray"
+        if shards is None and indexes.is_ondisk(previous) and previous["factory"] == factory:
+            ondisk = True  # a rebuild stays on disk
+        if ondisk and name == indexes.EXACT:
+            raise CbirError("the exact index is one file: leave out --shards and --engine ray")
+        return autoindex.build_and_save(
+            coll, name, factory, parsed, target_recall, note, how if ondisk else None
+        )
+
+
+def update_indexes(coll: Collection) -> list[str]:
+    """Grow every stale approximate index of `coll` (open for writing) to the catalog.
+
+    One line per index tried: updated (with counts and recall), retrain due,
+    or not updatable (and why); an index that cannot grow is left as it was.
+    The exact index is not among them: `cbir index` rebuilds it itself.
+    """
+    from pipeline import growing
+
+    if not coll.writer:
+        raise CbirError("updating indexes needs the collection open for writing")
+    lines: list[str] = []
+    for record in catalog.index_records(coll.db):
+        name = record["name"]
+        if name == indexes.EXACT or not indexes.is_stale(coll, record):
+            continue
+        try:
+            lines.append(growing.describe_update(growing.update_and_save(coll, name)))
+        except growing.RetrainDue as e:
+            lines.append(str(e))
+        except CbirError as e:
+            lines.append(f"index {name!r} not updated: {e}")
+    return lines
 
 
 def info_in(coll: Collection) -> dict[str, Any]:

@@ -21,6 +21,8 @@ from pipeline.cli_options import (
 from pipeline.cli_serve import bench_group, serve_cmd
 from pipeline.config import DEFAULTS, OPTIONS, SPEC
 from pipeline.errors import CbirError
+from pipeline.growing import describe_update
+from pipeline.shards import MAX_SHARDS
 
 # Click 8.2+ raises this for a bare group (8.1 prints the help and exits 0 itself).
 
@@ -87,6 +89,39 @@ def main(debug: bool) -> None:
     default=None,
     help="Refuse images with more pixels (decompression bombs).",
 )
+@click.option(
+    "--engine",
+    type=typed(SPEC["engine"]),
+    default=None,
+    help="Where decoding and the model run: local (default) or ray (a Ray cluster).",
+)
+@click.option(
+    "--ray-address",
+    "ray_address",
+    default=None,
+    help="With --engine ray: 'auto' (the cluster `ray start` runs here), HOST:PORT, "
+    "or none to start a local Ray for the job.",
+)
+@click.option(
+    "--actors",
+    type=typed(SPEC["actors"]),
+    default=None,
+    help="With --engine ray: model actors (one model each); 0 = as many as the CPUs allow.",
+)
+@click.option(
+    "--actor-cpus",
+    "actor_cpus",
+    type=typed(SPEC["actor_cpus"]),
+    default=None,
+    help="With --engine ray: CPUs per actor, and its model's threads [default 1].",
+)
+@click.option(
+    "--update-indexes",
+    "update_indexes",
+    is_flag=True,
+    default=None,
+    help="Then grow stale IVF indexes without retraining (as build-index NAME --update).",
+)
 @runtime_options
 @common_options
 def index_cmd(paths: tuple[str, ...], **options: Any) -> None:
@@ -103,8 +138,14 @@ def index_cmd(paths: tuple[str, ...], **options: Any) -> None:
     def progress(n: int) -> None:
         bar[0].update(n)
 
+    def on_status(text: str) -> None:
+        if bar:
+            bar[0].set_postfix_str(text)
+
     try:
-        summary = api.index(list(paths), progress=progress, on_total=on_total, **options)
+        summary = api.index(
+            list(paths), progress=progress, on_total=on_total, on_status=on_status, **options
+        )
     finally:
         for b in bar:
             b.close()
@@ -117,6 +158,8 @@ def index_cmd(paths: tuple[str, ...], **options: Any) -> None:
         + (f", same file as a catalogued one {summary.aliases}" if summary.aliases else "")
         + (f", listed but missing {summary.missing}" if summary.missing else "")
     )
+    for line in summary.index_notes:
+        click.echo(line)
     for path, reason in summary.failures[:20]:
         click.echo(f"  failed: {path}: {reason}", err=True)
     if len(summary.failures) > 20:
@@ -217,6 +260,34 @@ def search_cmd(queries: tuple[str, ...], ids: tuple[int, ...], as_json: bool, **
     default=None,
     help="Raise nprobe/efSearch until recall@10 reaches this [default 0.95 with --auto].",
 )
+@click.option(
+    "--update",
+    is_flag=True,
+    help="Grow an IVF index to the catalog without retraining: add new vectors, remove "
+    "pruned ones; exit 1 if its recall@10 would fall more than 0.01 below the trained one.",
+)
+@click.option(
+    "--shards",
+    type=click.IntRange(1, MAX_SHARDS),
+    default=None,
+    help="IVF: add the vectors in N shards and merge them into an on-disk index "
+    "(NAME+TAG.ivfdata beside the index file) [default 1; a rebuild of an on-disk "
+    "index stays on disk unless 1].",
+)
+@click.option(
+    "--engine",
+    type=typed(SPEC["engine"]),
+    default=None,
+    help="Where the shards are built: local (this process, one after another; default) "
+    "or ray (one Ray task each, an on-disk index).",
+)
+@click.option(
+    "--ray-address",
+    "ray_address",
+    default=None,
+    help="With --engine ray: 'auto' (the cluster `ray start` runs here), HOST:PORT, "
+    "or none to start a local Ray for the build.",
+)
 @search_param_options
 @common_options
 def build_index_cmd(
@@ -226,22 +297,46 @@ def build_index_cmd(
     auto: bool,
     max_memory: int,
     target_recall: float | None,
+    update: bool,
+    shards: int | None,
+    engine: str | None,
     **options,
 ) -> None:
     """Build an index NAME from the stored vectors (no re-extraction); rebuild if it exists.
 
     Every build reports its recall@10 against exact search, measured on 200
-    vectors sampled from the collection.
+    vectors sampled from the collection. --update grows an IVF index instead.
     """
     record = api.build_index(
-        name, factory, params or None, auto, max_memory, target_recall, **options
+        name,
+        factory,
+        params or None,
+        auto,
+        max_memory,
+        target_recall,
+        engine=engine,
+        shards=shards,
+        update=update,
+        **options,
     )
+    if "added" in record:
+        click.echo(describe_update(record))
+        return
+    ondisk = record.get("data_bytes")
+    size = record["bytes"] + (ondisk or 0)
     click.echo(
         f"built index {record['name']} ({record['factory']}, params {record['params']}): "
-        f"{record['ntotal']} vectors, {record['bytes']:,} bytes "
-        f"({record['bytes'] / max(1, record['ntotal']):.0f} bytes/vector), "
+        f"{record['ntotal']} vectors, {size:,} bytes "
+        f"({size / max(1, record['ntotal']):.0f} bytes/vector), "
         f"{record['build_seconds']:.2f} s, recall@10 {record['recall_at_10']:.4f}"
     )
+    timings = record.get("timings")
+    if timings:
+        click.echo(
+            f"on disk: {ondisk:,} bytes of inverted lists; train {timings['train_s']:.2f} s, "
+            f"{timings['shards']} shards added in {timings['add_s']:.2f} s "
+            f"({engine or 'local'}), merged in {timings['merge_s']:.2f} s"
+        )
     if record.get("note"):
         click.echo(f"why: {record['note']}")
 

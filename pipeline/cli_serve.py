@@ -247,3 +247,88 @@ def bench_coldstart_cmd(image: str, runs: int, **options) -> None:
     from pipeline.bench import bench_coldstart
 
     bench_coldstart(api.settings_for(**options), image, runs, log=click.echo)
+
+
+@bench_group.command("distributed")
+@click.argument("folder")
+@click.option(
+    "--limit",
+    type=typed(OPTIONS["limit"]),
+    default=1000,
+    show_default=True,
+    help="Images for the engine comparison.",
+)
+@click.option(
+    "--repeats",
+    type=typed(OPTIONS["repeats"]),
+    default=1,
+    show_default=True,
+    help="Repeat each engine's runs; medians are printed.",
+)
+@click.option(
+    "--commit-vectors",
+    "commit_vectors",
+    type=CountRange(1000, 10**8),
+    default=50_000,
+    show_default=True,
+    help="Generated vectors for the driver's commit throughput.",
+)
+@click.option(
+    "--shard-vectors",
+    "shard_vectors",
+    type=CountRange(0, 10**9),
+    default=1_000_000,
+    show_default=True,
+    help="Vectors for the sharded vs single-shot index build (0: skip; 1e6 needs ~8 GB of disk).",
+)
+@click.option(
+    "--factory",
+    default="IVF1024,PQ64x4fs",
+    show_default=True,
+    help="IVF factory for the sharded build comparison.",
+)
+@click.option(
+    "--shards", type=click.IntRange(2, 1024), default=4, show_default=True, help="Shards."
+)
+@click.option(
+    "--work-dir",
+    "work_dir",
+    default=None,
+    help="Where the generated vector file goes [default: a temporary folder].",
+)
+@click.option("--ray-address", "ray_address", default=None, help="Join this Ray cluster.")
+@runtime_options
+@common_options
+def bench_distributed_cmd(
+    folder: str,
+    limit: int,
+    repeats: int,
+    commit_vectors: int,
+    shard_vectors: int,
+    factory: str,
+    shards: int,
+    work_dir: str | None,
+    **options,
+) -> None:
+    """Ray against the local engine (images/s at equal CPUs), the driver's commit
+    throughput (vectors/s), and a sharded IVF build merged on disk against a
+    single-shot build (seconds, recall@10), in one run on this machine."""
+    import os
+    import tempfile
+
+    from pipeline import bench_distributed, bench_shards, raycluster
+
+    raycluster.require()
+    settings = api.settings_for(**options)
+    click.echo("== 1. indexing: local engine against Ray Data actors")
+    bench_distributed.engines(folder, settings, limit, repeats, click.echo)
+    click.echo("== 2. the driver's commit throughput (generated vectors, vector file + catalog)")
+    bench_distributed.commit_throughput(commit_vectors, [64, 256, 1024], click.echo)
+    if shard_vectors:
+        click.echo(f"== 3. {factory}: {shards} shards merged on disk against one build")
+        with tempfile.TemporaryDirectory(prefix="cbir-bench-", dir=work_dir) as tmp:
+            os.makedirs(tmp, exist_ok=True)
+            bench_shards.run(
+                shard_vectors, 2048, factory, shards, "ray", tmp, log=click.echo,
+                address=settings.ray_address or None,
+            )  # fmt: skip

@@ -54,6 +54,14 @@ class Settings:
     prune: bool = False
     strict: bool = False
     retry_failed: bool = False
+    # where decode + embed run: "local" (this process) or "ray" (Ray Data on a cluster;
+    # ray_address "" starts a local Ray, "auto" joins `ray start`, or HOST:PORT)
+    engine: str = "local"
+    ray_address: str = ""
+    actors: int = 0  # Ray model actors; 0 = as many as the cluster's CPUs allow
+    actor_cpus: int = 1  # CPUs (and model threads) each Ray actor is granted
+    # after indexing, grow stale IVF indexes (new vectors added, removed ones removed)
+    update_indexes: bool = False
     # search
     k: int = 10
     index: str = "exact"
@@ -78,6 +86,7 @@ DEFAULTS: dict[str, Any] = {
 POOLINGS = ("avg", "gem")
 RUNTIMES = ("auto", "keras", "openvino")
 PRECISIONS = ("auto", "fp32", "bf16", "int8")
+ENGINES = ("local", "ray")
 RERANK_METHODS = ("dba", "aqe")  # in the order they apply: DBA first, then QE on its vectors
 EVALUATION_METHODS = ("resnet50", "color", "hybrid")
 MAX_MEMORY = "2GB"  # build-index --auto's default memory budget
@@ -152,6 +161,11 @@ SPEC: dict[str, Spec] = {
     "prune": Spec("bool"),
     "strict": Spec("bool"),
     "retry_failed": Spec("bool"),
+    "engine": Spec("choice", choices=ENGINES),
+    "ray_address": Spec("str"),
+    "actors": Spec("int", 0, 4096),
+    "actor_cpus": Spec("int", 1, 1024),
+    "update_indexes": Spec("bool"),
     "k": Spec("int", 1, 10_000),
     "index": Spec("path"),  # an index name; index_path checks its characters
     "rerank": Spec("rerank"),

@@ -283,6 +283,9 @@ def load(
         "INFERENCE_PRECISION_HINT": INFERENCE_PRECISION[precision],
         "CACHE_DIR": str(cache.root / "openvino"),
     }
+    if threads := os.environ.get("CBIR_THREADS", "").strip():
+        # A Ray actor granted N CPUs: N threads, not every core of the node.
+        config["INFERENCE_NUM_THREADS"] = max(1, int(threads))
     try:
         # Compiled from the model object, not the path: OpenVINO then keys its own
         # cache on the model's contents, not on the file's path, size and mtime.

@@ -1,10 +1,14 @@
 """The indexing job: diff the folders with the catalog, decode and embed, commit in batches.
 
-Decoding runs in worker threads ahead of the model (Pillow and TensorFlow both
-release the GIL), so the model is never waiting on JPEG decoding. Each batch is
-made durable in two steps: vector bytes are appended and fsynced, then one
-SQLite transaction inserts the rows that point at them. A kill -9 anywhere
-leaves either the old state or the new one; leftover bytes are cut on open.
+A reader -> mapper -> writer runner: the plan is the reader, an engine the
+mapper, `_Batches` the writer. The local engine decodes in worker threads
+ahead of the model (Pillow and the runtimes release the GIL), so the model is
+never waiting on JPEG decoding; the Ray engine (`engine_ray.py`) decodes and
+embeds on a cluster and streams vectors back. Either way this process alone
+writes: each batch is made durable in two steps, vector bytes appended and
+fsynced, then one SQLite transaction inserts the rows that point at them. A
+kill -9 anywhere leaves either the old state or the new one; leftover bytes
+are cut on open.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -24,6 +28,7 @@ from pipeline.collection import Collection
 from pipeline.config import Settings
 from pipeline.decode import Decoded, DecodeError, decode_file
 from pipeline.embed import Embedder
+from pipeline.errors import CbirError
 from pipeline.scan import ScannedFile, scan
 
 
@@ -43,9 +48,54 @@ class Summary:
     missing: int = 0  # listed in a manifest CSV but not on disk
 
     failures: list[tuple[str, str]] = field(default_factory=list)
+    index_notes: list[str] = field(default_factory=list)  # --update-indexes: one line each
 
     def counts(self) -> dict[str, int]:
         return {k: v for k, v in self.__dict__.items() if isinstance(v, int)}
+
+
+@dataclass(frozen=True)
+class Embedded:
+    """An image decoded and embedded elsewhere (a Ray actor): what the catalog records of it."""
+
+    sha256: str
+    width: int
+    height: int
+    vector: np.ndarray
+
+
+# What an engine says of one file: pixels to embed here, a vector made elsewhere, or why not.
+Result = Decoded | Embedded | DecodeError
+Batch = list[tuple[ScannedFile, Result]]
+
+
+class Engine(Protocol):
+    """Turns the files to index into batches of results, in the plan's order."""
+
+    def batches(
+        self, todo: list[ScannedFile], model: Callable[[], Embedder], settings: Settings
+    ) -> Iterator[Batch]:
+        """`model()` loads (and checks) the catalog's model in this process, once."""
+        ...
+
+
+class LocalEngine:
+    """Decode in a thread pool ahead of the model; the model runs in `_Batches.commit`."""
+
+    def batches(
+        self, todo: list[ScannedFile], model: Callable[[], Embedder], settings: Settings
+    ) -> Iterator[Batch]:
+        batch: Batch = []
+        stream = _decoded_stream(
+            todo, settings.workers, settings.max_pixels, lookahead=4 * settings.batch_size
+        )
+        for item in stream:
+            batch.append(item)
+            if len(batch) == settings.batch_size:
+                yield batch
+                batch = []
+        if batch:
+            yield batch
 
 
 @dataclass
@@ -158,6 +208,7 @@ def run_index(
     settings: Settings,
     progress: Callable[[int], Any] | None = None,
     on_total: Callable[[int], Any] | None = None,
+    engine: Engine | None = None,
 ) -> Summary:
     """Index `roots` into a collection opened for writing; returns what was done.
 
@@ -165,6 +216,7 @@ def run_index(
     (it checks the model against the catalog's family and producer, and may
     calibrate an int8 model on a sample of the paths), so a rerun with nothing
     new, or new files that are all copies of indexed ones, never pays for it.
+    `engine` decodes and embeds (default: `LocalEngine`, in this process).
     """
     from pipeline import autoindex
 
@@ -172,7 +224,7 @@ def run_index(
     db = coll.db
     run_id = catalog.start_run(db, "index", {**settings.as_dict(), "roots": roots})
     try:
-        _index_into(coll, roots, load_model, settings, summary, run_id, progress, on_total)
+        _index_into(coll, roots, load_model, settings, summary, run_id, progress, on_total, engine)
         if coll.dim and len(coll.indexed_ids()):
             autoindex.build_and_save(coll, indexes.EXACT, indexes.EXACT_FACTORY)
     except BaseException:
@@ -184,7 +236,7 @@ def run_index(
     return summary
 
 
-def _index_into(coll, roots, load_model, settings, summary, run_id, progress, on_total):
+def _index_into(coll, roots, load_model, settings, summary, run_id, progress, on_total, engine):
     db = coll.db
     missing: list[str] = []
     scanned = list(scan(roots, labels=settings.labels, split=settings.split, missing=missing))
@@ -201,19 +253,7 @@ def _index_into(coll, roots, load_model, settings, summary, run_id, progress, on
     if not plan.todo:
         return
     job = _Batches(coll, load_model, plan, run_id, summary)
-    batch_size = settings.batch_size
-    batch: list[tuple[ScannedFile, Decoded | DecodeError]] = []
-    stream = _decoded_stream(
-        plan.todo, settings.workers, settings.max_pixels, lookahead=4 * batch_size
-    )
-    for item in stream:
-        batch.append(item)
-        if len(batch) == batch_size:
-            job.commit(batch)
-            if progress:
-                progress(len(batch))
-            batch = []
-    if batch:
+    for batch in (engine or LocalEngine()).batches(plan.todo, job.model, settings):
         job.commit(batch)
         if progress:
             progress(len(batch))
@@ -254,7 +294,7 @@ class _Batches:
             self.embedder = self.load_model([f.path for f in self.plan.todo])
         return self.embedder
 
-    def commit(self, batch: list[tuple[ScannedFile, Decoded | DecodeError]]) -> None:
+    def commit(self, batch: Batch) -> None:
         db, summary, replaced, dim = self.db, self.summary, self.plan.replaced, self.dim
         start = catalog.next_id(db)
         out = np.zeros((len(batch), dim), dtype=np.float32)
@@ -284,10 +324,18 @@ class _Batches:
             else:
                 out[offset] = self.coll.vectors([twin])[0]
             self.seen_sha.setdefault(result.sha256, twin)
-        if to_embed:
-            pixels = np.stack([batch[i][1].pixels for i in to_embed])
-            out[to_embed] = self.model().embed(pixels)
-            summary.indexed += len(to_embed)
+        here = [i for i in to_embed if isinstance(batch[i][1], Decoded)]
+        if here:
+            out[here] = self.model().embed(np.stack([batch[i][1].pixels for i in here]))
+        made = [i for i in to_embed if isinstance(batch[i][1], Embedded)]
+        if made:
+            got = np.stack([batch[i][1].vector for i in made])
+            if got.shape != (len(made), dim) or not np.isfinite(got).all():
+                raise CbirError(
+                    f"a worker returned vectors of shape {got.shape}, not (n, {dim})", 1
+                )
+            out[made] = got
+        summary.indexed += len(to_embed)
         for offset, twin_offset in in_batch:
             out[offset] = out[twin_offset]
         vectors.append(self.vec_path, start, out)

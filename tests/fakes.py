@@ -38,11 +38,15 @@ FAKE_FINGERPRINT = {
 class FakeModel:
     """predict_on_batch like a Keras model: (n, 224, 224, 3) -> (n, 2048)."""
 
-    def __init__(self, delay: float = 0.0):
+    def __init__(self, delay: float = 0.0, log: str | None = None):
         self.projection = np.random.default_rng(1234).standard_normal((192, DIM)).astype(np.float32)
         self.delay = delay  # seconds per batch, to give kill tests a job that lasts
+        self.log = log  # a file that hears the size of every batch begun (fault tests)
 
     def predict_on_batch(self, batch: np.ndarray) -> np.ndarray:
+        if self.log:
+            with open(self.log, "a") as f:
+                f.write(f"{len(batch)}\n")
         if self.delay:
             time.sleep(self.delay)
         n = len(batch)
@@ -57,8 +61,15 @@ class FakeEmbedder:
     are the same), so the catalog's producer rules can be tested too.
     """
 
-    def __init__(self, batch_size: int = 32, delay: float = 0.0, runtime="keras", precision="fp32"):
-        self.model = FakeModel(delay)
+    def __init__(
+        self,
+        batch_size: int = 32,
+        delay: float = 0.0,
+        runtime="keras",
+        precision="fp32",
+        log: str | None = None,
+    ):
+        self.model = FakeModel(delay, log)
         self.fingerprint = dict(FAKE_FINGERPRINT)
         self.producer = {"runtime": runtime, "precision": precision, "calibration": None}
         self.batch_size = batch_size
@@ -80,9 +91,10 @@ def cached(
     precision: str = "fp32",
     calibration: tuple[str, ...] = (),
     delay: float = 0.0,
+    log: str | None = None,
 ) -> Embedder:
     """Stands in for pipeline.api.cached_embedder (same arguments): tests patch it in."""
-    return FakeEmbedder(batch_size, delay, runtime, precision)
+    return FakeEmbedder(batch_size, delay, runtime, precision, log)
 
 
 def install(delay: float = 0.0) -> None:
