@@ -33,17 +33,26 @@ from pipeline.errors import CbirError
 from pipeline.scan import ScannedFile, scan
 
 
-def _index_once(files: list[str], s: Settings, engine: jobs.Engine | None) -> float:
-    """Seconds to index `files` into a new catalog (model loads and actor starts included)."""
+def _index_once(
+    files: list[str], s: Settings, engine: jobs.Engine | None, args: tuple[Any, ...]
+) -> float:
+    """Seconds to index `files` into a new catalog (model loads and actor starts included).
+
+    Every run builds the model from the same `cached_embedder` arguments: with
+    int8, calibrating on each run's own files would quantise a new model each time.
+    """
     api.cached_embedder.cache_clear()  # each run loads its model, as a new process would
+
+    def load(_todo: list[str], coll: Any) -> Any:
+        embedder = api.cached_embedder(*args)
+        coll.check_embedder(embedder, False, list(args[-1]))  # adopts it, as embedder_for does
+        return embedder
+
     with tempfile.TemporaryDirectory(prefix="cbir-bench-") as tmp:
         settings = s.replace(catalog=str(Path(tmp) / "c.db"), index_dir=str(Path(tmp) / "i"))
         started = time.perf_counter()
         with writing(settings.catalog, settings.index_dir) as coll:
-            jobs.run_index(
-                files, coll, lambda todo: api.embedder_for(settings, coll, todo=todo), settings,
-                engine=engine,
-            )  # fmt: skip
+            jobs.run_index(files, coll, lambda todo: load(todo, coll), settings, engine=engine)
         return time.perf_counter() - started
 
 
@@ -72,16 +81,13 @@ def engines(
         writing(Path(tmp) / "c.db", Path(tmp) / "i") as coll,
     ):
         args = api.embedder_args(s, coll, todo=files)
-    s = s.replace(runtime=args[3], precision=args[4])
-    if args[4] == "int8":
-        s = s.replace(calibration="")  # calibration_for picks the same seeded sample
     rows = []
 
     small = files[: s.batch_size]
 
     def measure(name: str, make: Callable[[], jobs.Engine | None]) -> None:
-        once = statistics.median(_index_once(small, s, make()) for _ in range(repeats))
-        whole = statistics.median(_index_once(files, s, make()) for _ in range(repeats))
+        once = statistics.median(_index_once(small, s, make(), args) for _ in range(repeats))
+        whole = statistics.median(_index_once(files, s, make(), args) for _ in range(repeats))
         row = {
             "engine": name,
             "total": len(files) / whole,
@@ -98,7 +104,7 @@ def engines(
         f"engines: {len(files)} images under {folder}, {args[3]} {args[4]}, batch {s.batch_size}, "
         f"{cpus} CPUs, {repeats} repeat(s), medians"
     )
-    _index_once(files[: 2 * s.batch_size], s, None)  # warm-up: int8 calibration, caches
+    _index_once(files[: 2 * s.batch_size], s, None, args)  # warm-up: int8 calibration, caches
     measure("local", lambda: None)
     with raycluster.connected(s.ray_address or None, num_cpus=cpus):
 

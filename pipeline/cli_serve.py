@@ -283,9 +283,9 @@ def bench_coldstart_cmd(image: str, runs: int, **options) -> None:
 )
 @click.option(
     "--factory",
-    default="IVF1024,PQ64x4fs",
+    default="IVF1024,PQ64",
     show_default=True,
-    help="IVF factory for the sharded build comparison.",
+    help="IVF factory for the sharded build comparison (searched with nprobe 16, refine 40).",
 )
 @click.option(
     "--shards", type=click.IntRange(2, 1024), default=4, show_default=True, help="Shards."
@@ -326,9 +326,16 @@ def bench_distributed_cmd(
     bench_distributed.commit_throughput(commit_vectors, [64, 256, 1024], click.echo)
     if shard_vectors:
         click.echo(f"== 3. {factory}: {shards} shards merged on disk against one build")
+        # Generated from the catalog's real features when it has some (as bench scale does).
+        real = None
+        if os.path.exists(settings.catalog):
+            coll = api.open_collection(settings)
+            if len(ids := coll.indexed_ids()) >= 50:
+                real = coll.vectors(ids)
+        if work_dir:
+            os.makedirs(work_dir, exist_ok=True)
         with tempfile.TemporaryDirectory(prefix="cbir-bench-", dir=work_dir) as tmp:
-            os.makedirs(tmp, exist_ok=True)
             bench_shards.run(
-                shard_vectors, 2048, factory, shards, "ray", tmp, log=click.echo,
-                address=settings.ray_address or None,
+                shard_vectors, 2048, factory, shards, "ray", tmp, real=real, log=click.echo,
+                params={"nprobe": 16, "refine": 40}, address=settings.ray_address or None,
             )  # fmt: skip
