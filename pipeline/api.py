@@ -491,6 +491,7 @@ def evaluate(
     method: str = "resnet50",
     hybrid_weight: float = 0.5,
     config: str | None = None,
+    groundtruth: str | None = None,
     **options: Any,
 ) -> dict[str, Any]:
     """mAP, P@1, P@10 and a per-class table of the catalog against labelled queries.
@@ -498,6 +499,11 @@ def evaluate(
     `queries` is a manifest CSV (its split=query rows) or a folder of labelled
     images; or pass leave_one_out=True. `index` (an approximate index name)
     adds its recall@10 against exact search; `rerank` re-ranks as in search.
+
+    `groundtruth` (a CSV of query,relevant file names of catalog images, as the
+    Holidays and UKBench benchmarks give them) instead returns the instance
+    figures of `instance_eval.evaluate_instances`: `map` (Holidays protocol),
+    `ns_score` (UKBench protocol) and `per_query` with each relevant image's rank.
     """
     from pipeline.evaluation import evaluate as run_evaluation
 
@@ -513,6 +519,7 @@ def evaluate(
             s.index if s.index != indexes.EXACT else None,
             hybrid_weight,
             lambda pixels: embedder_for(s, coll).embed(pixels),
+            groundtruth=str(groundtruth) if groundtruth is not None else None,
         )
     finally:
         coll.close()

@@ -430,6 +430,13 @@ def verify_cmd(as_json: bool, repair: bool, **options) -> None:
     show_default=True,
     help="With --method hybrid: weight of the deep feature (colour gets the rest).",
 )
+@click.option(
+    "--groundtruth",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="Instance benchmark instead: a CSV of query,relevant file names of catalog images "
+    "(Holidays, UKBench); reports mAP (query excluded) and the N-S score (top 4).",
+)
 @click.option("--index", default=None, help="Evaluate an approximate index (adds recall@10).")
 @click.option("--rerank", default=None, help="Re-rank as in search: dba, aqe, dba+aqe.")
 @click.option(
@@ -441,13 +448,23 @@ def verify_cmd(as_json: bool, repair: bool, **options) -> None:
 @click.option("--json", "as_json", is_flag=True, help="One JSON object.")
 @runtime_options
 @common_options
-def evaluate_cmd(queries, leave_one_out, method, hybrid_weight, report_dir, as_json, **options):
-    """mAP, P@1, P@10 and per-class figures against labelled QUERIES (manifest CSV or folder)."""
-    result = api.evaluate(queries, leave_one_out, method, hybrid_weight, **options)
+def evaluate_cmd(
+    queries, leave_one_out, method, hybrid_weight, groundtruth, report_dir, as_json, **options
+):
+    """mAP, P@1, P@10 and per-class figures against labelled QUERIES (manifest CSV or folder).
+
+    With --groundtruth FILE.csv: an instance benchmark over the catalog's own images.
+    """
+    result = api.evaluate(
+        queries, leave_one_out, method, hybrid_weight, groundtruth=groundtruth, **options
+    )
     if report_dir:
         from pipeline.report import write_report
 
         result["report"] = str(write_report(result, report_dir))
+    if groundtruth is not None:
+        _print_instances(result, as_json)
+        return
     if as_json:
         click.echo(json.dumps({k: v for k, v in result.items() if k != "per_query"}, indent=2))
         return
@@ -464,6 +481,32 @@ def evaluate_cmd(queries, leave_one_out, method, hybrid_weight, report_dir, as_j
     for label, c in result["per_class"].items():
         click.echo(f"  {label:<32} {c['queries']:>7} {c['map']:7.4f} {c['p_at_10']:7.4f}")
     if report_dir:
+        click.echo(f"report: {result['report']}")
+
+
+def _print_instances(result: dict[str, Any], as_json: bool) -> None:
+    """The instance benchmark's figures: summary lines, or JSON with every query's figures."""
+    if as_json:
+        out = {k: v for k, v in result.items() if k != "per_query"}
+        out["per_query"] = [
+            {k: v for k, v in q.items() if k != "top10"} for q in result["per_query"]
+        ]
+        click.echo(json.dumps(out, indent=2))
+        return
+    n = result["database"]
+    click.echo(
+        f"{result['method']} (rerank {result['rerank']}), {result['queries']} queries, "
+        f"{n} images ranked, {result['pairs']} relevant pairs, {result['protocol']}"
+    )
+    click.echo(
+        f"mAP {result['map']:.4f}   (Holidays protocol: each query ranks the other {n - 1} "
+        "images, itself excluded)"
+    )
+    click.echo(
+        f"N-S {result['ns_score']:.3f} of 4   (UKBench protocol: its group in the top 4 of all "
+        f"{n}, the query included; {result['ns_best']:.3f} at best for these groups)"
+    )
+    if "report" in result:
         click.echo(f"report: {result['report']}")
 
 

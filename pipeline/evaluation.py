@@ -2,8 +2,9 @@
 
 Queries come from a manifest CSV (its `split=query` rows, held out of the
 catalog), a folder of labelled images, or leave-one-out over the catalog.
-Rankings go through `search.ranked`, the code that `cbir search` runs, over
-the whole database, so the figures describe what users get.
+Rankings go through `ranking.ranked`, the code that `cbir search` runs, over
+the whole database, so the figures describe what users get. Instance
+benchmarks (a ground-truth CSV of query,relevant pairs) are in `instance_eval`.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import csv
 import os
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -104,6 +106,18 @@ def descriptors(
     return l2_normalize(np.hstack([np.sqrt(w) * deep, np.sqrt(1 - w) * hist])), ok
 
 
+def flat_ranker(desc: np.ndarray, ids: np.ndarray) -> tuple[faiss.Index, Callable]:
+    """The descriptors as a flat index keyed by catalog id, and its lookup, for `ranked`."""
+    flat = faiss.IndexIDMap2(faiss.IndexFlatIP(desc.shape[1]))
+    flat.add_with_ids(np.ascontiguousarray(desc, dtype=np.float32), ids)
+    row_of = {int(i): p for p, i in enumerate(ids)}
+
+    def lookup(wanted: np.ndarray) -> np.ndarray:
+        return desc[[row_of[int(i)] for i in wanted]]
+
+    return flat, lookup
+
+
 def evaluate(
     coll: Collection,
     settings: Settings,
@@ -113,12 +127,25 @@ def evaluate(
     index_name: str | None = None,
     hybrid_weight: float = 0.5,
     embed=None,
+    groundtruth: str | None = None,
 ) -> dict[str, Any]:
-    """Evaluate the catalog against labelled queries; returns metrics and every ranking."""
+    """Evaluate the catalog against labelled queries; returns metrics and every ranking.
+
+    With `groundtruth` (a CSV of query,relevant file names) it is an instance benchmark
+    instead: `instance_eval.evaluate_instances` (mAP, N-S score).
+    """
     if method not in EVALUATION_METHODS:
         raise CbirError(f"unknown method {method!r}: use {', '.join(EVALUATION_METHODS)}")
     if not 0.0 <= float(hybrid_weight) <= 1.0:
         raise CbirError(f"hybrid weight must be between 0 and 1, got {hybrid_weight}")
+    if groundtruth is not None:
+        from pipeline.instance_eval import evaluate_instances
+
+        if source or leave_one_out:
+            raise CbirError("give either QUERIES, --leave-one-out or --groundtruth, not several")
+        return evaluate_instances(
+            coll, settings, groundtruth, method, index_name, hybrid_weight, embed
+        )
     if index_name and index_name != indexes.EXACT and method != "resnet50":
         raise CbirError("--index evaluates the catalog's ResNet50 vectors: use --method resnet50")
     how = rerank_from(settings)
@@ -147,14 +174,7 @@ def evaluate(
     db_ids = ids[db_ok]
     db_labels = db_labels[db_ok]
 
-    # The database as a flat index keyed by catalog id, searched by the same code as `cbir search`.
-    flat = faiss.IndexIDMap2(faiss.IndexFlatIP(db_desc.shape[1]))
-    flat.add_with_ids(np.ascontiguousarray(db_desc, dtype=np.float32), db_ids)
-    row_of = {int(i): p for p, i in enumerate(db_ids)}
-
-    def lookup(wanted: np.ndarray) -> np.ndarray:
-        return db_desc[[row_of[int(i)] for i in wanted]]
-
+    flat, lookup = flat_ranker(db_desc, db_ids)
     n = len(db_ids)
     result: dict[str, Any] = {"method": method, "rerank": "+".join(how.methods) or "none"}
     if how.methods:

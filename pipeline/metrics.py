@@ -40,3 +40,17 @@ def recall_at(found: Sequence[Sequence[int]], truth: Sequence[Sequence[int]], k:
             continue
         scores.append(len(set(int(x) for x in f[:k]) & t_k) / len(t_k))
     return float(np.mean(scores)) if scores else 0.0
+
+
+def ranks_of(ranking: Sequence[int], wanted: Sequence[int]) -> list[int | None]:
+    """The 1-based rank of each of `wanted` in `ranking`, None where it is absent."""
+    ranking = np.asarray(ranking, dtype=np.int64)
+    at = np.flatnonzero(np.isin(ranking, np.asarray(wanted, dtype=np.int64)))
+    position = {int(ranking[p]): int(p) + 1 for p in at}
+    return [position.get(int(w)) for w in wanted]
+
+
+def hits_at(ranking: Sequence[int], wanted: Sequence[int], k: int) -> int:
+    """How many of `wanted` are among the first k of `ranking` (UKBench's N-S at k = 4)."""
+    group = set(int(w) for w in wanted)
+    return sum(int(x) in group for x in ranking[:k])

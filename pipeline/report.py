@@ -6,6 +6,11 @@ sample of queries the query and its top 10 marked relevant or not),
 `per_class.png` (per-class mAP and P@10) and `thumbs/` (one JPEG per image),
 rendering `templates/report.html` with Jinja (autoescaped). No JavaScript, no
 external resources: the folder can be copied anywhere.
+
+An instance benchmark's result (`pipeline.instance_eval`, with `groundtruth`)
+gets the instance section instead of the per-class one: the worst queries by AP
+and a few of the best, each with its top 10 and the relevant images missed
+from the top 10, with their ranks.
 """
 
 from __future__ import annotations
@@ -50,6 +55,22 @@ def sample_queries(per_query: list[dict[str, Any]], per_class: int) -> list[dict
             taken[q["label"]] = taken.get(q["label"], 0) + 1
             out.append(q)
     return out
+
+
+def instance_samples(
+    per_query: list[dict[str, Any]], worst: int, best: int
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The `worst` queries by AP (lowest first) and the `best` others (highest first)."""
+    order = sorted(range(len(per_query)), key=lambda i: (per_query[i]["ap"], i))
+    low = order[:worst]
+    high = order[len(low) :][::-1][:best]
+    return [per_query[i] for i in low], [per_query[i] for i in high]
+
+
+def missed(query: dict[str, Any], top: int = 10) -> list[dict[str, Any]]:
+    """The query's relevant images outside its top `top`, by rank (unranked ones last)."""
+    out = [r for r in query["relevant"] if r["rank"] is None or r["rank"] > top]
+    return sorted(out, key=lambda r: (r["rank"] is None, r["rank"] or 0))
 
 
 def write_chart(result: dict[str, Any], dest: Path) -> None:
@@ -101,6 +122,36 @@ def _summary(result: dict[str, Any]) -> list[tuple[str, Any]]:
     return rows
 
 
+def _instance_summary(result: dict[str, Any]) -> list[tuple[str, Any]]:
+    """The header table of an instance benchmark, each figure with its protocol."""
+    rerank = str(result["rerank"])
+    if "rerank_n" in result:
+        rerank += f" (n {result['rerank_n']}, alpha {result['rerank_alpha']})"
+    return [
+        ("method", result["method"]),
+        ("rerank", rerank),
+        ("ground truth", result["groundtruth"]),
+        ("queries", result["queries"]),
+        ("images ranked", result["database"]),
+        ("relevant pairs", result["pairs"]),
+        ("mAP", f"{result['map']:.4f} ({result['map_protocol']})"),
+        (
+            "N-S score",
+            f"{result['ns_score']:.3f} of 4, {result['ns_best']:.3f} at best for these groups "
+            f"({result['ns_protocol']})",
+        ),
+    ]
+
+
+def _thumbs(paths: list[str], out: Path, src: dict[str, str], max_pixels: int) -> None:
+    """A thumbnail for each path not yet in `src`, which maps path -> relative file."""
+    for path in paths:
+        if path not in src:
+            name = _thumb_name(path)
+            make_thumbnail(path, out / THUMBS / name, max_pixels)
+            src[path] = f"{THUMBS}/{name}"
+
+
 def _environment() -> jinja2.Environment:
     env = jinja2.Environment(
         loader=jinja2.PackageLoader("pipeline", "templates"),
@@ -121,21 +172,22 @@ def write_report(
     out_dir: str | Path,
     per_class: int = 2,
     max_pixels: int = Settings().max_pixels,
+    worst: int = 20,
+    best: int = 3,
 ) -> Path:
     """Write the HTML report of an evaluation into `out_dir`; returns its index.html.
 
-    Shows up to `per_class` queries per label (the first ones in per_query order).
+    Shows up to `per_class` queries per label (the first ones in per_query order);
+    for an instance benchmark, the `worst` queries by AP and the `best` ones.
     """
     out = Path(out_dir)
     (out / THUMBS).mkdir(parents=True, exist_ok=True)
-    samples = sample_queries(result["per_query"], per_class)
     src: dict[str, str] = {}
+    if "groundtruth" in result:
+        return _write_instance_report(result, out, src, max_pixels, worst, best)
+    samples = sample_queries(result["per_query"], per_class)
     for q in samples:
-        for path in [q["query"], *(r["path"] for r in q["top10"])]:
-            if path not in src:
-                name = _thumb_name(path)
-                make_thumbnail(path, out / THUMBS / name, max_pixels)
-                src[path] = f"{THUMBS}/{name}"
+        _thumbs([q["query"], *(r["path"] for r in q["top10"])], out, src, max_pixels)
     write_chart(result, out / CHART)
 
     score_note = "cosine similarity to the query"
@@ -151,6 +203,40 @@ def write_report(
             chart=CHART,
             samples=samples,
             per_class=per_class,
+            score_note=score_note,
+            src=src,
+        )
+    )
+    index = out / "index.html"
+    index.write_text(page, encoding="utf-8", errors="surrogateescape")
+    return index
+
+
+def _write_instance_report(
+    result: dict[str, Any], out: Path, src: dict[str, str], max_pixels: int, worst: int, best: int
+) -> Path:
+    """The report of an instance benchmark: summary, then the worst and best queries."""
+    low, high = instance_samples(result["per_query"], worst, best)
+    groups = [
+        (f"The {len(low)} worst queries by AP", [(q, missed(q)) for q in low]),
+        (f"The {len(high)} best of the others", [(q, missed(q)) for q in high]),
+    ]
+    for _, queries in groups:
+        for q, gone in queries:
+            paths = [q["query"], *(r["path"] for r in q["top10"]), *(r["path"] for r in gone)]
+            _thumbs(paths, out, src, max_pixels)
+    score_note = "cosine similarity to the query"
+    if result["rerank"] != "none":
+        score_note = f"cosine similarity after re-ranking ({result['rerank']})"
+    page = (
+        _environment()
+        .get_template("report.html")
+        .render(
+            title=f"cbir instance evaluation: {result['method']}, rerank {result['rerank']}",
+            summary=_instance_summary(result),
+            result=result,
+            instance=True,
+            groups=[g for g in groups if g[1]],
             score_note=score_note,
             src=src,
         )
