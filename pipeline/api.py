@@ -24,6 +24,7 @@ from pipeline import catalog, config, indexes, jobs, ranking, rerank
 from pipeline.collection import Collection, reading, writing
 from pipeline.config import DEFAULTS, Settings, load_settings
 from pipeline.decode import DecodeError, decode_bytes, decode_file
+from pipeline.descriptor import Descriptor
 from pipeline.embed import Embedder, load_embedder
 from pipeline.errors import CbirError, NotFoundError
 from pipeline.scan import scan
@@ -39,9 +40,10 @@ def cached_embedder(
     runtime: str = "keras",
     precision: str = "fp32",
     calibration: tuple[str, ...] = (),
+    descriptor: Descriptor | None = None,
 ) -> Embedder:
     """Load a model once per process (the CLI, a server and tests reuse it)."""
-    return load_embedder(weights, batch_size, pooling, runtime, precision, calibration)
+    return load_embedder(weights, batch_size, pooling, runtime, precision, calibration, descriptor)
 
 
 def settings_for(config: str | None = None, **options: Any) -> Settings:
@@ -67,6 +69,37 @@ def model_choice(s: Settings, coll: Collection | None) -> tuple[str, str]:
         if pooling == DEFAULTS["pooling"] and stored.startswith("gem"):
             pooling = "gem"
     return weights, pooling
+
+
+def descriptor_for(s: Settings, coll: Collection | None) -> Descriptor:
+    """The descriptor (input, image size, scales, pooling): each value as given, or, left at
+    its default, the one the catalog was built with (so queries need no flags). A value
+    given that differs from the catalog's makes a model the catalog then refuses."""
+    from pipeline import descriptor
+
+    d = descriptor.from_fingerprint(coll.fingerprint if coll is not None else None)
+    if d is None:
+        return descriptor.make(s.input, s.image_size, s.scales, s.pooling)
+
+    def pick(key: str, recorded: Any) -> Any:
+        return recorded if getattr(s, key) == DEFAULTS[key] else getattr(s, key)
+
+    return descriptor.make(
+        pick("input", d.input),
+        pick("image_size", d.size),
+        pick("scales", d.scales),
+        pick("pooling", d.pooling),
+    )
+
+
+def with_descriptor(s: Settings, coll: Collection | None) -> Settings:
+    """Settings whose input, image size, scales and pooling are `descriptor_for`'s."""
+    from pipeline.descriptor import scales_text
+
+    d = descriptor_for(s, coll)
+    return s.replace(
+        input=d.input, image_size=d.size, scales=scales_text(d.scales), pooling=d.pooling
+    )
 
 
 def producer_choice(s: Settings, coll: Collection | None) -> tuple[str, str]:
@@ -123,10 +156,13 @@ def embedder_args(
     s: Settings, coll: Collection, batch_size: int = 0, todo: list[str] = ()
 ) -> tuple[Any, ...]:
     """The arguments of `cached_embedder` for this catalog's model (see `embedder_for`)."""
-    weights, pooling = model_choice(s, coll)
+    weights, _ = model_choice(s, coll)
+    d = descriptor_for(s, coll)
     runtime, precision = producer_choice(s, coll)
     calibration = calibration_for(s, coll, list(todo)) if precision == "int8" else []
-    return (weights, batch_size or s.batch_size, pooling, runtime, precision, tuple(calibration))
+    return (
+        weights, batch_size or s.batch_size, d.pooling, runtime, precision, tuple(calibration), d,
+    )  # fmt: skip
 
 
 def embedder_for(
@@ -139,7 +175,7 @@ def embedder_for(
     """
     args = embedder_args(s, coll, batch_size, todo)
     embedder = cached_embedder(*args)
-    coll.check_embedder(embedder, s.allow_mixed, list(args[-1]))
+    coll.check_embedder(embedder, s.allow_mixed, list(args[5]))
     return embedder
 
 
@@ -166,6 +202,7 @@ def index(
 
         raycluster.require()  # before the catalog is touched: one line, nothing written
     with writing(s.catalog, s.index_dir) as coll:
+        s = with_descriptor(s, coll)  # a catalog's recorded descriptor, unless one is given
         if s.engine == "ray":
             # The actors build the very model the driver checked against the catalog:
             # the same cached_embedder arguments, taken after the driver's check.
@@ -255,11 +292,21 @@ def search_in(
     `embedder` is called only if some query is an image. `relevant` /
     `not_relevant` are ids the user marked (Rocchio feedback); settings
     `rerank` ("dba", "aqe", "dba+aqe") and `shortlist` re-rank.
+
+    Setting `rotations` ("0,90,180,270"): every image query is also embedded
+    turned by each angle (`decode_file` / `decode_bytes` rotate before the crop;
+    decoded `Pixels` are turned as the 224 x 224 square), every turned vector
+    ranks the collection, and each image keeps its best score
+    (`ranking.best_over`): n angles cost n times the query's embedding and search.
+    Id queries use their stored vector, unturned.
     """
     if not coll.dim:
         raise CbirError(f"catalog {coll.path} has no indexed images yet")
     index_obj, _, in_force = coll.index(s.index, params, allow_stale)
+    angles = config.rotation_angles(s.rotations)
+    d = descriptor_for(s, coll)  # images are decoded to the catalog's descriptor input
     answers: list[dict[str, Any]] = []
+    # Per answer, its query's vectors (one per angle; an id has one), None if undecodable.
     vecs: list[np.ndarray | None] = []
     pixels, pixel_slots = [], []
     for q in _expand_queries(queries):
@@ -268,41 +315,44 @@ def search_in(
             if row is None or row["status"] != "indexed":
                 raise NotFoundError(f"no indexed image with id {q}")
             answers.append({"query": row["path"], "query_id": q})
-            vecs.append(coll.vectors([q])[0])
+            vecs.append(coll.vectors([q]))
             continue
         name = q.name if isinstance(q, Upload | Pixels) else q
         answers.append({"query": name, "query_id": None})
         try:
             if isinstance(q, Pixels):
-                decoded = q.pixels
+                decoded = [np.rot90(q.pixels, a // 90) for a in angles]
             elif isinstance(q, Upload):
-                decoded = decode_bytes(q.data, s.max_pixels).pixels
+                decoded = [decode_bytes(q.data, s.max_pixels, a, **d.decode).pixels for a in angles]
             else:
-                decoded = decode_file(q, s.max_pixels).pixels
+                decoded = [decode_file(q, s.max_pixels, a, **d.decode).pixels for a in angles]
         except DecodeError as e:
             answers[-1]["error"] = f"cannot use query image {name}: {e}"
             vecs.append(None)
             continue
-        pixels.append(decoded)
+        pixels.extend(decoded)
         pixel_slots.append(len(vecs))
         vecs.append(None)
-    if pixels:
-        for slot, v in zip(pixel_slots, embedder().embed(np.stack(pixels)), strict=True):
-            vecs[slot] = v
+    if pixels:  # every angle of every image query in one call of the model
+        same = len({p.shape for p in pixels}) == 1  # whole images come in many shapes
+        embedded = embedder().embed(np.stack(pixels) if same else pixels)
+        for n, slot in enumerate(pixel_slots):
+            vecs[slot] = embedded[n * len(angles) : (n + 1) * len(angles)]
     good = [i for i, v in enumerate(vecs) if v is not None]
     if relevant or not_relevant:
         plus = coll.vectors(_known_ids(coll, relevant))
         minus = coll.vectors(_known_ids(coll, not_relevant))
         for i in good:
-            vecs[i] = rerank.rocchio(vecs[i], plus, minus)
+            vecs[i] = np.stack([rerank.rocchio(v, plus, minus) for v in vecs[i]])
     if good:
         found = ranking.search_vectors(
             coll,
             index_obj,
-            np.stack([vecs[i] for i in good]),
+            np.concatenate([vecs[i] for i in good]),
             s.k,
             how=ranking.rerank_from(s),
             refine=int(in_force.get("refine", 1)),
+            groups=[len(vecs[i]) for i in good] if len(angles) > 1 else None,
         )
         for i, results in zip(good, found, strict=True):
             answers[i]["results"] = results
@@ -347,6 +397,12 @@ def build_index(
     engine: str | None = None,
     shards: int | None = None,
     update: bool = False,
+    whiten: bool = False,
+    whiten_dim: int | None = None,
+    shrinkage: float | None = None,
+    whitening: str | None = None,
+    validate: str | None = None,
+    save_whitening: str | None = None,
     **options: Any,
 ) -> dict[str, Any]:
     """Build (or refresh, reusing its factory and parameters) a named index.
@@ -361,30 +417,57 @@ def build_index(
     update=True grows an IVF index to the catalog without retraining (see
     `growing.update_and_save`); it raises `growing.RetrainDue` when the
     recall has fallen too far. `ray_address` (a setting) says which cluster.
+
+    whiten=True (or `whitening`, a fitted transform file) builds a PCA-whitened
+    index (see `pipeline.whitening`): PCA to `whiten_dim` dimensions (default
+    512) with `shrinkage` (default 0.5), L2, then the `factory` index (default
+    the stored one, else Flat). The transform is validated first (`validate`:
+    "labels", a query,relevant CSV, or labels when the catalog has them) and
+    refused (CbirError, exit 1) when it lowers the validation mAP.
+    `save_whitening` writes the learned transform to a file. Rebuilding a
+    whitened index without options whitens it again the same way.
     """
     from pipeline import autoindex, growing
     from pipeline import shards as sharded
+    from pipeline import whitening as wh
 
+    req = wh.request(whiten, whiten_dim, shrinkage, whitening, validate, save_whitening)
     s = settings_for(config, **options)
     how = sharded.sharding(1 if shards is None else shards, engine or "local", s.ray_address)
     with writing(s.catalog, s.index_dir, create=False) as coll:
         previous = catalog.index_record(coll.db, name)
+        prev_white = wh.split_factory(previous["factory"]) if previous else None
         if update:
-            if factory or auto or params or target_recall:
+            if factory or auto or params or target_recall or req:
                 raise CbirError(
                     "--update keeps the index's factory and search parameters: leave out "
-                    "--factory, --auto, --param and --target-recall"
+                    "--factory, --auto, --param, --target-recall and the whitening options"
                 )
             if name == indexes.EXACT:  # a plain copy of the vectors: rebuilding is the update
                 return autoindex.build_and_save(coll, name, indexes.EXACT_FACTORY)
+            if prev_white:
+                raise CbirError(
+                    f"index {name!r} is whitened and cannot grow: run 'cbir build-index {name}' "
+                    "to rebuild it (its whitening is learned and validated again)"
+                )
             return growing.update_and_save(coll, name, how)
+        if req is None and factory is None and not auto and prev_white:
+            req = wh.from_record(previous)  # a plain rebuild keeps the whitening
+        if req is not None and name == indexes.EXACT:
+            raise CbirError("the exact index is never whitened: give the whitened index a name")
         note = None
         parsed = indexes.parse_params(params)
+        white_dim = None
+        if req is not None:
+            if req.file is not None:
+                white_dim = int(wh.read_transform(req.file, coll.dim).d_out)
+            else:
+                white_dim = wh.resolve_dim(req, coll.dim)
         if auto:
             if factory:
                 raise CbirError("give either --factory or --auto, not both")
             choice = autoindex.choose(
-                len(coll.indexed_ids()), coll.dim, autoindex.parse_size(max_memory)
+                len(coll.indexed_ids()), white_dim or coll.dim, autoindex.parse_size(max_memory)
             )
             factory, note = choice.factory, choice.reason
             parsed = {**choice.params, **parsed}
@@ -392,23 +475,37 @@ def build_index(
         elif factory is None:
             if name == indexes.EXACT:
                 factory = indexes.EXACT_FACTORY
-            elif previous is None:
+            elif prev_white:
+                factory = prev_white[1]
+                note = (wh.read_note(previous.get("note")) or {}).get("chosen")
+            elif previous is not None:
+                factory, note = previous["factory"], previous.get("note")
+            elif req is not None:
+                factory = indexes.EXACT_FACTORY
+            else:
                 raise CbirError(
                     f"index {name!r} does not exist yet: give --factory (e.g. 'IVF256,Flat') or --auto"
                 )
-            else:
-                factory, note = previous["factory"], previous.get("note")
         if name == indexes.EXACT and factory != indexes.EXACT_FACTORY:
             raise CbirError("the name 'exact' is reserved for the flat index; pick another name")
-        if not parsed and previous and previous["factory"] == factory:
+        recorded = wh.factory_name(white_dim, factory) if white_dim else factory
+        if not parsed and previous and previous["factory"] == recorded:
             parsed = json.loads(previous["params"] or "{}")
         ondisk = how.shards > 1 or how.engine == "ray"
-        if shards is None and indexes.is_ondisk(previous) and previous["factory"] == factory:
+        if ondisk and req is not None:
+            raise CbirError("a whitened index is one file: leave out --shards and --engine ray")
+        if shards is None and indexes.is_ondisk(previous) and previous["factory"] == recorded:
             ondisk = True  # a rebuild stays on disk
         if ondisk and name == indexes.EXACT:
             raise CbirError("the exact index is one file: leave out --shards and --engine ray")
+        plan = None
+        if req is not None:
+            indexes.make_index(factory, white_dim)  # a bad factory is refused before any work
+            plan = wh.plan(coll, req)
+            if req.save is not None:
+                wh.write_transform(plan.pca, req.save)
         return autoindex.build_and_save(
-            coll, name, factory, parsed, target_recall, note, how if ondisk else None
+            coll, name, factory, parsed, target_recall, note, how if ondisk else None, plan
         )
 
 
@@ -510,6 +607,7 @@ def evaluate(
     s = settings_for(config, **options)
     coll = open_collection(s)
     try:
+        s = with_descriptor(s, coll)  # queries decoded to the catalog's descriptor input
         return run_evaluation(
             coll,
             s,

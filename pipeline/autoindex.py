@@ -20,7 +20,7 @@ from typing import Any
 import faiss
 import numpy as np
 
-from pipeline import catalog, exact, indexes, shards
+from pipeline import catalog, exact, indexes, shards, whitening
 from pipeline.errors import CbirError
 from pipeline.metrics import recall_at
 from pipeline.ranking import ranked
@@ -135,19 +135,26 @@ class RecallProbe:
     k: int = 10
 
 
-def make_probe(rows, ids: np.ndarray, n_queries: int = 200, k: int = 10, seed: int = 0):
+def make_probe(rows, ids: np.ndarray, n_queries: int = 200, k: int = 10, seed: int = 0, space=None):
+    """Queries sampled from rows[ids] and their exact top k; with `space` (a whitened
+    index's transform) the exact top k in that space, which is where it ranks."""
     rng = np.random.default_rng(seed)
     picked = np.sort(rng.choice(ids, min(n_queries, len(ids)), replace=False))
     queries = np.asarray(rows[picked], dtype=np.float32)
-    truth = exact.top_k(rows, ids, queries, k)[1]
+    if space is None:
+        truth = exact.top_k(rows, ids, queries, k)[1]
+    else:
+        truth = exact.top_k(whitening.TransformedRows(rows, space), ids, space(queries), k)[1]
     return RecallProbe(
         queries, truth, lambda i: np.asarray(rows[np.asarray(i, dtype=np.int64)], np.float32), k
     )
 
 
-def recall_probe(coll) -> RecallProbe:
-    """A recall probe over the collection's indexed vectors."""
-    return make_probe(coll.rows(), coll.indexed_ids())
+def recall_probe(coll, index: Any = None) -> RecallProbe:
+    """A recall probe over the collection's indexed vectors (in `index`'s whitened space,
+    when it is a whitened index)."""
+    space = whitening.transform_of(index) if index is not None else None
+    return make_probe(coll.rows(), coll.indexed_ids(), space=space)
 
 
 def measure_recall(index: faiss.Index, probe: RecallProbe, params: dict[str, float]) -> float:
@@ -166,6 +173,8 @@ def tune(
     inner = faiss.try_extract_index_ivf(index)  # a bare IVF, or one under IDMap2 / a transform
     if inner is None:
         inner = faiss.downcast_index(index)
+        if isinstance(inner, faiss.IndexPreTransform):  # a whitened index
+            inner = faiss.downcast_index(inner.index)
         if isinstance(inner, faiss.IndexIDMap | faiss.IndexIDMap2):
             inner = faiss.downcast_index(inner.index)
     if isinstance(inner, faiss.IndexIVF):
@@ -193,19 +202,27 @@ def build_and_save(
     target_recall: float | None = None,
     note: str | None = None,
     sharding: shards.Sharding | None = None,
+    whiten: whitening.Plan | None = None,
 ) -> dict[str, Any]:
     """Build, persist and record an index with its measured recall@10; returns the record.
 
     With `target_recall`, search parameters (nprobe, efSearch) are raised
     until the measured recall@10 reaches it. With `sharding`, an IVF index is
     built in shards and merged on disk (`shards.build_ondisk`); the returned
-    record then also has `timings` (train, add, merge seconds).
+    record then also has `timings` (train, add, merge seconds). With `whiten`
+    (a validated `whitening.Plan`) the index is whitened: its record's factory
+    is 'WhitenD,FACTORY', its note the whitening's JSON, and its recall@10 is
+    measured against exact search in the same whitened space.
     """
     indexes.index_path(coll.index_dir, name)  # refuse a bad name before any work
     gen = coll.generation
     started = time.perf_counter()
     data, timings = None, {}
-    if sharding is None:
+    if whiten is not None:
+        if sharding is not None:
+            raise CbirError("a whitened index is one file: leave out --shards and --engine ray")
+        index = indexes.build(coll, factory, params, whiten=whiten.pca)
+    elif sharding is None:
         index = indexes.build(coll, factory, params)
     else:
         index, data, timings = shards.build_ondisk(coll, name, factory, sharding, params)
@@ -213,11 +230,13 @@ def build_and_save(
     try:
         params = dict(params or {})
         recall = 1.0
-        if factory != indexes.EXACT_FACTORY:
-            probe = recall_probe(coll)
+        if factory != indexes.EXACT_FACTORY or whiten is not None:
+            probe = recall_probe(coll, index)
             if target_recall:
                 params = tune(index, probe, target_recall, params)
             recall = measure_recall(index, probe, params)
+        if whiten is not None:
+            factory, note = whitening.factory_name(whiten.dim, factory), whiten.note(note)
         record = {
             "factory": factory,
             "params": json.dumps(params),

@@ -45,7 +45,7 @@ def _index_once(
 
     def load(_todo: list[str], coll: Any) -> Any:
         embedder = api.cached_embedder(*args)
-        coll.check_embedder(embedder, False, list(args[-1]))  # adopts it, as embedder_for does
+        coll.check_embedder(embedder, False, list(args[5]))  # adopts it, as embedder_for does
         return embedder
 
     with tempfile.TemporaryDirectory(prefix="cbir-bench-") as tmp:

@@ -9,11 +9,12 @@ from typing import Any
 
 import click
 
-from pipeline import api, errors
+from pipeline import api, errors, whitening
 from pipeline.cli_options import (
     MemorySize,
     OneLineGroup,
     common_options,
+    descriptor_options,
     runtime_options,
     search_param_options,
     typed,
@@ -76,12 +77,7 @@ def main(debug: bool) -> None:
     default=None,
     help="Images per model batch.",
 )
-@click.option(
-    "--pooling",
-    type=typed(SPEC["pooling"]),
-    default=None,
-    help="Feature pooling: avg (default) or gem; fixed per catalog.",
-)
+@descriptor_options
 @click.option(
     "--max-pixels",
     "max_pixels",
@@ -191,6 +187,15 @@ def index_cmd(paths: tuple[str, ...], **options: Any) -> None:
     help=f"Candidates to re-rank [default {DEFAULTS['shortlist']}].",
 )
 @click.option(
+    "--rotations",
+    type=typed(SPEC["rotations"]),
+    default=None,
+    help="For photos stored sideways without an EXIF tag: also query each image turned by "
+    "these angles (before the crop) and keep each result's best score. Costs one more "
+    "embedding and search of the query per angle (4 angles: 4x). --id queries use their "
+    f"stored vector, unturned [default {DEFAULTS['rotations']}: off].",
+)
+@click.option(
     "--relevant",
     type=typed(OPTIONS["id"]),
     multiple=True,
@@ -204,6 +209,7 @@ def index_cmd(paths: tuple[str, ...], **options: Any) -> None:
     help="Relevance feedback: an id you marked not relevant (repeatable).",
 )
 @search_param_options
+@descriptor_options
 @runtime_options
 @common_options
 def search_cmd(queries: tuple[str, ...], ids: tuple[int, ...], as_json: bool, **options) -> None:
@@ -288,6 +294,48 @@ def search_cmd(queries: tuple[str, ...], ids: tuple[int, ...], as_json: bool, **
     help="With --engine ray: 'auto' (the cluster `ray start` runs here), HOST:PORT, "
     "or none to start a local Ray for the build.",
 )
+@click.option(
+    "--whiten",
+    is_flag=True,
+    help="PCA-whiten the index (PCA, L2, then --factory, default Flat), learned on 80% of "
+    "the vectors and refused (exit 1) if it lowers the validation mAP.",
+)
+@click.option(
+    "--whiten-dim",
+    "whiten_dim",
+    type=typed(whitening.DIM_SPEC),
+    default=None,
+    help=f"Dimensions the whitening keeps, below the number of vectors "
+    f"[default {whitening.DEFAULT_DIM}].",
+)
+@click.option(
+    "--shrinkage",
+    type=typed(whitening.SHRINKAGE_SPEC),
+    default=None,
+    help="Softens the whitening: components scaled by eigenvalue^(-0.5(1-S)); 0 = full "
+    f"whitening, 1 = plain PCA [default {whitening.DEFAULT_SHRINKAGE}].",
+)
+@click.option(
+    "--whitening",
+    "whitening_file",
+    default=None,
+    metavar="FILE",
+    help="Use the fitted transform in FILE (from --save-whitening) instead of learning one.",
+)
+@click.option(
+    "--validate",
+    default=None,
+    metavar="labels|FILE.csv",
+    help="Validate the whitening by label mAP on held-out images, or on a query,relevant "
+    "ground-truth CSV (fitted on every other image) [default labels, when there are any].",
+)
+@click.option(
+    "--save-whitening",
+    "save_whitening",
+    default=None,
+    metavar="FILE",
+    help="Write the learned (and validated) transform to FILE, for --whitening.",
+)
 @search_param_options
 @common_options
 def build_index_cmd(
@@ -300,12 +348,19 @@ def build_index_cmd(
     update: bool,
     shards: int | None,
     engine: str | None,
+    whiten: bool,
+    whiten_dim: int | None,
+    shrinkage: float | None,
+    whitening_file: str | None,
+    validate: str | None,
+    save_whitening: str | None,
     **options,
 ) -> None:
     """Build an index NAME from the stored vectors (no re-extraction); rebuild if it exists.
 
     Every build reports its recall@10 against exact search, measured on 200
-    vectors sampled from the collection. --update grows an IVF index instead.
+    vectors sampled from the collection (a whitened index: exact search in its
+    whitened space). --update grows an IVF index instead.
     """
     record = api.build_index(
         name,
@@ -317,6 +372,12 @@ def build_index_cmd(
         engine=engine,
         shards=shards,
         update=update,
+        whiten=whiten,
+        whiten_dim=whiten_dim,
+        shrinkage=shrinkage,
+        whitening=whitening_file,
+        validate=validate,
+        save_whitening=save_whitening,
         **options,
     )
     if "added" in record:
@@ -337,7 +398,12 @@ def build_index_cmd(
             f"{timings['shards']} shards added in {timings['add_s']:.2f} s "
             f"({engine or 'local'}), merged in {timings['merge_s']:.2f} s"
         )
-    if record.get("note"):
+    white = whitening.read_note(record.get("note"))
+    if white:
+        click.echo(whitening.describe(white["whitening"]))
+        if white.get("chosen"):
+            click.echo(f"why: {white['chosen']}")
+    elif record.get("note"):
         click.echo(f"why: {record['note']}")
 
 
@@ -440,6 +506,15 @@ def verify_cmd(as_json: bool, repair: bool, **options) -> None:
 @click.option("--index", default=None, help="Evaluate an approximate index (adds recall@10).")
 @click.option("--rerank", default=None, help="Re-rank as in search: dba, aqe, dba+aqe.")
 @click.option(
+    "--rotations",
+    type=typed(SPEC["rotations"]),
+    default=None,
+    help="With --groundtruth: decode each query's file again, turned by these angles, and "
+    "keep each image's best score, as 'cbir search FILE --rotations' does; the database "
+    "vectors stay as stored. 4 angles: 4x the queries' embedding and ranking "
+    f"[default {DEFAULTS['rotations']}: off].",
+)
+@click.option(
     "--report",
     "report_dir",
     type=click.Path(file_okay=False),
@@ -494,8 +569,9 @@ def _print_instances(result: dict[str, Any], as_json: bool) -> None:
         click.echo(json.dumps(out, indent=2))
         return
     n = result["database"]
+    turned = f", rotations {result['rotations']}" if result.get("rotations", "0") != "0" else ""
     click.echo(
-        f"{result['method']} (rerank {result['rerank']}), {result['queries']} queries, "
+        f"{result['method']} (rerank {result['rerank']}{turned}), {result['queries']} queries, "
         f"{n} images ranked, {result['pairs']} relevant pairs, {result['protocol']}"
     )
     click.echo(

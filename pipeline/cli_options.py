@@ -155,6 +155,44 @@ def common_options(f):
     return wrapper
 
 
+def descriptor_options(f):
+    """--pooling, --input, --image-size, --scales: the descriptor, fixed per catalog."""
+
+    @click.option(
+        "--pooling",
+        type=typed(SPEC["pooling"]),
+        default=None,
+        help="Pooling of the feature maps: avg, gem or rmac (R-MAC) [default: the catalog's, "
+        "else avg]; fixed per catalog.",
+    )
+    @click.option(
+        "--input",
+        "input",
+        type=typed(SPEC["input"]),
+        default=None,
+        help="crop (shorter side --image-size, central square) or whole (the whole image at "
+        "its aspect ratio) [default: the catalog's, else crop]; fixed per catalog.",
+    )
+    @click.option(
+        "--image-size",
+        "image_size",
+        type=typed(SPEC["image_size"]),
+        default=None,
+        help="Shorter side in pixels the network sees [default: the catalog's, else 224].",
+    )
+    @click.option(
+        "--scales",
+        default=None,
+        help="Scales of --image-size, e.g. 1,0.7071,0.5: a descriptor each, summed "
+        "[default: the catalog's, else 1].",
+    )
+    @functools.wraps(f)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        return f(*args, **kwargs)
+
+    return wrapper
+
+
 def runtime_options(f):
     """--runtime, --precision, --calibration, --allow-mixed on the commands that run the model."""
 

@@ -23,6 +23,13 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 SIZE = 224
 PREPROCESSING = "exif-transpose,rgb-on-white,shorter-side-224-bilinear,center-crop-224"
 
+# Query rotations (degrees counter-clockwise, as np.rot90 turns) as Pillow transposes.
+ROTATE = {
+    90: Image.Transpose.ROTATE_90,
+    180: Image.Transpose.ROTATE_180,
+    270: Image.Transpose.ROTATE_270,
+}
+
 # We check the pixel count ourselves, against a configurable limit, before any
 # pixel is decoded; Pillow's global guard would fire at a fixed size instead.
 Image.MAX_IMAGE_PIXELS = None
@@ -67,14 +74,20 @@ def _to_rgb(im: Image.Image) -> Image.Image:
     return im.convert("RGB")
 
 
-def resize_and_crop(im: Image.Image, size: int = SIZE) -> Image.Image:
-    """Resize so the shorter side is `size`, then take the central size x size square."""
+def resize_and_crop(im: Image.Image, size: int = SIZE, crop: bool = True) -> Image.Image:
+    """Resize so the shorter side is `size`; then the central size x size square (crop), or
+    the whole image with its longer side cut, centred, to MAX_ASPECT x size (no crop)."""
+    from pipeline.descriptor import MAX_ASPECT
+
     w, h = im.size
     scale = size / min(w, h)
     new_w, new_h = max(size, round(w * scale)), max(size, round(h * scale))
     im = im.resize((new_w, new_h), Image.BILINEAR)
-    left, top = (new_w - size) // 2, (new_h - size) // 2
-    return im.crop((left, top, left + size, top + size))
+    cut_w, cut_h = (size, size) if crop else (
+        min(new_w, int(MAX_ASPECT * size)), min(new_h, int(MAX_ASPECT * size)),
+    )  # fmt: skip
+    left, top = (new_w - cut_w) // 2, (new_h - cut_h) // 2
+    return im.crop((left, top, left + cut_w, top + cut_h))
 
 
 def _open(fp: BinaryIO, max_pixels: int) -> Image.Image:
@@ -91,15 +104,17 @@ def _open(fp: BinaryIO, max_pixels: int) -> Image.Image:
     return im
 
 
-def _pixels(im: Image.Image) -> np.ndarray:
+def _pixels(im: Image.Image, rotate: int = 0, size: int = SIZE, crop: bool = True) -> np.ndarray:
     # JPEG can decode at 1/2, 1/4, 1/8 scale for free; ask for no less than we need.
     width, height = im.size
-    scale = SIZE / min(width, height)
+    scale = size / min(width, height)
     im.draft("RGB", (int(width * scale) + 1, int(height * scale) + 1))
     im = ImageOps.exif_transpose(im)
     im.load()
-    pixels = np.asarray(resize_and_crop(_to_rgb(im)), dtype=np.uint8)
-    if pixels.shape != (SIZE, SIZE, 3):
+    if rotate:  # a query turned on purpose: before the resize and crop, as if stored so
+        im = im.transpose(ROTATE[rotate])
+    pixels = np.asarray(resize_and_crop(_to_rgb(im), size, crop), dtype=np.uint8)
+    if pixels.ndim != 3 or pixels.shape[2] != 3 or min(pixels.shape[:2]) != size:
         raise DecodeError(f"unexpected decoded shape {pixels.shape}")
     return pixels
 
@@ -127,24 +142,40 @@ def _pillow_errors() -> Iterator[None]:
         raise DecodeError(f"cannot decode image: {type(e).__name__}: {e}") from None
 
 
-def decode_bytes(data: bytes, max_pixels: int) -> Decoded:
-    """Decode image bytes (an upload) to model-ready pixels, or raise DecodeError."""
+def _rotation(rotate: int) -> None:
+    if rotate != 0 and rotate not in ROTATE:  # a caller's bug, not a bad file
+        raise ValueError(f"rotate must be 0, 90, 180 or 270, got {rotate!r}")
+
+
+def decode_bytes(
+    data: bytes, max_pixels: int, rotate: int = 0, *, size: int = SIZE, crop: bool = True
+) -> Decoded:
+    """Decode image bytes (an upload) to model-ready pixels, or raise DecodeError.
+
+    `rotate` (degrees counter-clockwise: 90, 180, 270) turns the image after its EXIF
+    orientation and before the resize and crop. `size` is the shorter side after
+    resizing; `crop` takes the central square, else the whole image (a `Descriptor`'s input).
+    """
+    _rotation(rotate)
     if not data:
         raise DecodeError("empty file (0 bytes)")
     with _pillow_errors():
         im = _open(io.BytesIO(data), max_pixels)
         width, height = im.size
-        pixels = _pixels(im)
+        pixels = _pixels(im, rotate, size, crop)
     return Decoded(pixels, hashlib.sha256(data).hexdigest(), width, height)
 
 
-def decode_file(path: str, max_pixels: int) -> Decoded:
-    """Read and decode one file, or raise DecodeError.
+def decode_file(
+    path: str, max_pixels: int, rotate: int = 0, *, size: int = SIZE, crop: bool = True
+) -> Decoded:
+    """Read and decode one file, or raise DecodeError; `rotate` as in `decode_bytes`.
 
     The header is checked first (format, pixel count), so a huge file that is
     no image, or too large an image, is refused after reading a few KB; the
     hash is then streamed and Pillow reads only what it decodes.
     """
+    _rotation(rotate)
     try:
         with open(path, "rb") as f:
             if os.fstat(f.fileno()).st_size == 0:
@@ -158,7 +189,7 @@ def decode_file(path: str, max_pixels: int) -> Decoded:
                 digest.update(chunk)
             f.seek(0)
             with _pillow_errors():
-                pixels = _pixels(im)
+                pixels = _pixels(im, rotate, size, crop)
     except OSError as e:  # reading failed (Pillow's own OSErrors are DecodeErrors by now)
         raise _read_error(e) from None
     return Decoded(pixels, digest.hexdigest(), width, height)

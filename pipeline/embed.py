@@ -9,11 +9,14 @@ fraction of a second. Tests pass a fake that satisfies the same Protocol.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import numpy as np
 
 from pipeline.config import POOLINGS
+from pipeline.descriptor import Descriptor, describe
 from pipeline.errors import CbirError
 
 DIM = 2048
@@ -33,10 +36,32 @@ class Embedder(Protocol):
     producer: dict[str, Any]
     batch_size: int
     source: str  # what --weights named: "imagenet" or an absolute file path
+    descriptor: Descriptor  # the input its pixels must be decoded to (`descriptor.decode`)
 
-    def embed(self, pixels: np.ndarray) -> np.ndarray:
-        """(n, 224, 224, 3) uint8 RGB -> (n, dimension) float32, each row of unit length."""
+    def embed(self, pixels: np.ndarray | list[np.ndarray]) -> np.ndarray:
+        """uint8 RGB images -> (n, dimension) float32, each row of unit length.
+
+        (n, 224, 224, 3) for the classic descriptor; a list of (h, w, 3) arrays of
+        any sizes for a whole-image descriptor (see `descriptor.py`).
+        """
         ...
+
+
+@dataclass
+class MapsEmbedder:
+    """Any runtime's ResNet50 without pooling (`maps`: uint8 (n, h, w, 3) -> (n, h', w', c)),
+    pooled per the catalog's `Descriptor`: whole images, several scales, GeM or R-MAC."""
+
+    maps: Callable[[np.ndarray], np.ndarray]
+    fingerprint: dict[str, Any]
+    producer: dict[str, Any]
+    descriptor: Descriptor
+    batch_size: int = 32
+    source: str = "imagenet"
+    model: Any = None  # the framework's model, for converting it to another runtime
+
+    def embed(self, pixels: np.ndarray | list[np.ndarray]) -> np.ndarray:
+        return describe(list(pixels), self.descriptor, self.maps, self.batch_size)
 
 
 # What produced a catalog's vectors before producers were recorded.
@@ -62,21 +87,29 @@ def load_embedder(
     runtime: str = "keras",
     precision: str = "fp32",
     calibration_paths: tuple[str, ...] = (),
+    descriptor: Descriptor | None = None,
 ) -> Embedder:
-    """The embedder of `runtime` ("keras" or "openvino") at `precision` for these weights."""
+    """The embedder of `runtime` ("keras" or "openvino") at `precision` for these weights,
+    making `descriptor`'s vectors (default: the classic 224 crop with `pooling`)."""
     if pooling not in POOLINGS:
-        raise CbirError(f"unknown pooling {pooling!r}: use {' or '.join(POOLINGS)}")
+        raise CbirError(f"unknown pooling {pooling!r}: use {', '.join(POOLINGS)}")
+    descriptor = descriptor or Descriptor(pooling=pooling)
     if runtime == "keras":
         if precision != "fp32":
             raise CbirError(f"the keras runtime runs fp32 only, not {precision}: use openvino")
         from pipeline.embed_keras import load
 
-        return load(weights, batch_size, pooling)
+        return load(weights, batch_size, descriptor.pooling, descriptor)
     if runtime == "openvino":
         from pipeline import embed_openvino
 
         return embed_openvino.load(
-            weights, batch_size, pooling, precision, list(calibration_paths) or None
+            weights,
+            batch_size,
+            descriptor.pooling,
+            precision,
+            list(calibration_paths) or None,
+            descriptor=descriptor,
         )
     raise CbirError(f"unknown runtime {runtime!r}: use keras or openvino")
 

@@ -16,7 +16,8 @@ from typing import Any
 import numpy as np
 
 from pipeline.decode import PREPROCESSING
-from pipeline.embed import DIM, GEM_P, KERAS_FP32, gem, l2_normalize, preprocess
+from pipeline.descriptor import Descriptor
+from pipeline.embed import DIM, GEM_P, KERAS_FP32, MapsEmbedder, gem, l2_normalize, preprocess
 from pipeline.errors import CbirError
 
 
@@ -30,9 +31,11 @@ class KerasEmbedder:
     source: str = "imagenet"  # what --weights named: "imagenet" or an absolute file path
     pooling: str = "avg"
     producer: dict[str, Any] = field(default_factory=lambda: dict(KERAS_FP32))
+    descriptor: Descriptor = field(default_factory=Descriptor)
 
-    def embed(self, pixels: np.ndarray) -> np.ndarray:
+    def embed(self, pixels: np.ndarray | list[np.ndarray]) -> np.ndarray:
         """(n, 224, 224, 3) uint8 RGB -> (n, 2048) float32, each row of unit length."""
+        pixels = np.asarray(pixels)
         n = len(pixels)
         out = np.empty((n, DIM), dtype=np.float32)
         for start in range(0, n, self.batch_size):
@@ -68,8 +71,11 @@ def import_keras():
     return keras
 
 
-def _build_resnet50(weights: str, pooling: str = "avg"):
-    """Keras ResNet50 without its classifier; GeM pools in numpy from the 7x7 maps."""
+def _build_resnet50(weights: str, pooling: str = "avg", any_size: bool = False):
+    """Keras ResNet50 without its classifier; GeM pools in numpy from the 7x7 maps.
+
+    any_size: inputs of any height and width, feature maps out (a `Descriptor` pools them).
+    """
     keras = import_keras()
     if weights != "imagenet" and not Path(weights).is_file():
         raise CbirError(f"weights file not found: {weights}")
@@ -77,8 +83,8 @@ def _build_resnet50(weights: str, pooling: str = "avg"):
         return keras.applications.ResNet50(
             weights=weights,
             include_top=False,
-            pooling="avg" if pooling == "avg" else None,
-            input_shape=(224, 224, 3),
+            pooling="avg" if pooling == "avg" and not any_size else None,
+            input_shape=(None, None, 3) if any_size else (224, 224, 3),
         )
     except Exception as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
@@ -102,9 +108,17 @@ def weights_digest(model) -> str:
     return h.hexdigest()
 
 
-def load(weights: str = "imagenet", batch_size: int = 32, pooling: str = "avg") -> KerasEmbedder:
-    """Build ResNet50 (no top; average or GeM pooling) with ImageNet or local weights."""
-    model = _build_resnet50(str(weights), pooling)
+def load(
+    weights: str = "imagenet",
+    batch_size: int = 32,
+    pooling: str = "avg",
+    descriptor: Descriptor | None = None,
+) -> KerasEmbedder | MapsEmbedder:
+    """Build ResNet50 (no top) with ImageNet or local weights, for `descriptor` (default:
+    the classic 224 crop with `pooling`, pooled in the model or, for GeM, from its maps)."""
+    d = descriptor or Descriptor(pooling=pooling)
+    fast = d.classic and d.pooling in ("avg", "gem")
+    model = _build_resnet50(str(weights), d.pooling, any_size=not fast)
     fingerprint = {
         "architecture": "keras.applications.ResNet50(include_top=False)",
         "pooling": "avg" if pooling == "avg" else f"gem-p{GEM_P:g}",
@@ -112,6 +126,14 @@ def load(weights: str = "imagenet", batch_size: int = 32, pooling: str = "avg") 
         "preprocessing": PREPROCESSING + ",caffe-bgr-mean",
         "dimension": DIM,
         "normalization": "l2",
+        **d.fingerprint(),
     }
     source = "imagenet" if str(weights) == "imagenet" else os.path.abspath(weights)
-    return KerasEmbedder(model, fingerprint, batch_size, source, pooling)
+    if fast:
+        return KerasEmbedder(model, fingerprint, batch_size, source, d.pooling, descriptor=d)
+
+    def maps(pixels: np.ndarray) -> np.ndarray:
+        # Eager: one call per shape, without tracing a graph for every image size.
+        return np.asarray(model(preprocess(pixels), training=False))
+
+    return MapsEmbedder(maps, fingerprint, dict(KERAS_FP32), d, batch_size, source, model)

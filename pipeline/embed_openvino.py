@@ -33,7 +33,8 @@ from typing import Any
 import numpy as np
 
 from pipeline import cpu
-from pipeline.embed import _BGR_MEAN, DIM, gem, l2_normalize
+from pipeline.descriptor import Descriptor
+from pipeline.embed import _BGR_MEAN, DIM, MapsEmbedder, gem, l2_normalize
 from pipeline.errors import CbirError
 from pipeline.modelcache import ModelCache, file_sha256
 
@@ -70,6 +71,7 @@ class OpenVINOEmbedder:
     batch_size: int = 32
     source: str = "imagenet"
     pooling: str = "avg"
+    descriptor: Descriptor = field(default_factory=Descriptor)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def __post_init__(self) -> None:
@@ -91,9 +93,9 @@ class OpenVINOEmbedder:
         except BaseException as e:  # raised in embed(), not lost in a C++ thread
             self._error = e
 
-    def embed(self, pixels: np.ndarray) -> np.ndarray:
+    def embed(self, pixels: np.ndarray | list[np.ndarray]) -> np.ndarray:
         """(n, 224, 224, 3) uint8 RGB -> (n, 2048) float32, each row of unit length."""
-        pixels = np.ascontiguousarray(pixels, dtype=np.uint8)
+        pixels = np.ascontiguousarray(np.asarray(pixels), dtype=np.uint8)
         # Each batch is shared among the parallel requests (dynamic batch: no padding).
         step = max(1, math.ceil(self.batch_size / self.requests))
         with self._lock:  # one queue per model: concurrent callers take turns
@@ -220,15 +222,28 @@ def _quantize(model: Any, paths: list[str]) -> tuple[Any, int]:
 
 
 def _convert(
-    folder: Path, weights: str, pooling: str, precision: str, calibration_paths: list[str] | None
+    folder: Path,
+    weights: str,
+    pooling: str,
+    precision: str,
+    calibration_paths: list[str] | None,
+    any_size: bool = False,
 ) -> dict[str, Any]:
-    """Build the Keras model, convert (and quantise) it, save it into `folder`; return the metadata."""
+    """Build the Keras model, convert (and quantise) it, save it into `folder`; return the metadata.
+
+    any_size: a model of any input height and width with feature maps out.
+    """
     from pipeline import embed_keras
 
     ov = import_openvino()
     log.info("converting ResNet50 to OpenVINO %s, once (cached in %s)", precision, folder.parent)
     started = time.perf_counter()
-    keras_embedder = embed_keras.load(weights, 1, pooling)
+    if any_size:
+        keras_embedder = embed_keras.load(
+            weights, 1, pooling, Descriptor("whole", 224, (1.0,), pooling)
+        )
+    else:
+        keras_embedder = embed_keras.load(weights, 1, pooling)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # Keras 3 warns about the input structure; harmless
         model = _with_preprocessing(ov.convert_model(keras_embedder.model))
@@ -251,14 +266,22 @@ def load(
     precision: str = "fp32",
     calibration_paths: list[str] | None = None,
     cache_dir: str | None = None,
-) -> OpenVINOEmbedder:
+    descriptor: Descriptor | None = None,
+) -> OpenVINOEmbedder | MapsEmbedder:
     """An OpenVINO embedder for these weights; converted on first use, then from the cache.
 
     int8 needs `calibration_paths` (e.g. `choose_calibration(collection paths)`):
     their contents identify the quantised model, so pass the same ones each time.
+    A `descriptor` other than the classic crop (whole images, scales, R-MAC) gets a
+    model of any input size with feature maps out, pooled by `descriptor.describe`.
     """
-    if pooling not in ("avg", "gem"):
-        raise CbirError(f"unknown pooling {pooling!r}: use avg or gem")
+    d = descriptor or Descriptor(pooling=pooling)
+    pooling = d.pooling
+    fast = d.classic and pooling in ("avg", "gem")
+    from pipeline.config import POOLINGS
+
+    if pooling not in POOLINGS:
+        raise CbirError(f"unknown pooling {pooling!r}: use {', '.join(POOLINGS)}")
     if precision not in PRECISIONS:
         raise CbirError(f"unknown precision {precision!r}: use {', '.join(PRECISIONS)}")
     ov = import_openvino()
@@ -272,14 +295,20 @@ def load(
     weights = str(weights)
     calibration = calibration_id(calibration_paths) if precision == "int8" else None
     cache = ModelCache(cache_dir)
+    parts = cache_parts(weights, pooling if fast else "maps", precision, calibration)
+    if not fast:
+        parts["input"] = "any-size"
     entry = cache.get_or_build(
-        cache_parts(weights, pooling, precision, calibration),
-        lambda folder: _convert(folder, weights, pooling, precision, calibration_paths),
+        parts,
+        lambda folder: _convert(
+            folder, weights, pooling, precision, calibration_paths, any_size=not fast
+        ),
     )
     config = {
         # A batch of 1 is someone waiting for one answer (the server): all cores on one
         # image halves its latency. Otherwise one stream per core or two, kept busy.
-        "PERFORMANCE_HINT": "LATENCY" if batch_size == 1 else "THROUGHPUT",
+        # Inputs of many sizes run one call at a time: LATENCY, all cores on each.
+        "PERFORMANCE_HINT": "LATENCY" if batch_size == 1 or not fast else "THROUGHPUT",
         "INFERENCE_PRECISION_HINT": INFERENCE_PRECISION[precision],
         "CACHE_DIR": str(cache.root / "openvino"),
     }
@@ -304,6 +333,15 @@ def load(
         "calibration": calibration,
     }
     source = "imagenet" if weights == "imagenet" else os.path.abspath(weights)
-    return OpenVINOEmbedder(
-        compiled, dict(entry.meta["fingerprint"]), producer, batch_size, source, pooling
-    )
+    fingerprint = {**entry.meta["fingerprint"], **d.fingerprint()}
+    if fast:
+        return OpenVINOEmbedder(
+            compiled, fingerprint, producer, batch_size, source, pooling, descriptor=d
+        )
+    lock = threading.Lock()
+
+    def maps(pixels: np.ndarray) -> np.ndarray:
+        with lock:  # one compiled model, callers from many threads take turns
+            return np.array(compiled({0: np.ascontiguousarray(pixels, dtype=np.uint8)})[0])
+
+    return MapsEmbedder(maps, fingerprint, producer, d, batch_size, source)

@@ -44,7 +44,12 @@ class EmbedActor:
     """
 
     def __init__(
-        self, loader: Callable[[], Embedder], dim: int, max_pixels: int, threads: int
+        self,
+        loader: Callable[[], Embedder],
+        dim: int,
+        max_pixels: int,
+        threads: int,
+        shape: dict[str, Any] | None = None,
     ) -> None:
         # Before the runtime starts: a model uses the CPUs Ray granted, not the whole node.
         os.environ["CBIR_THREADS"] = str(threads)
@@ -52,7 +57,7 @@ class EmbedActor:
         import ray
 
         self.model = loader()
-        self.dim, self.max_pixels = dim, max_pixels
+        self.dim, self.max_pixels, self.shape = dim, max_pixels, shape or {}
         self.actor = ray.get_runtime_context().get_actor_id() or f"pid {os.getpid()}"
 
     def __call__(self, block: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -63,7 +68,7 @@ class EmbedActor:
         pixels, ok = [], []
         for j, raw in enumerate(block["path"]):
             try:
-                decoded = decode_file(os.fsdecode(bytes(raw)), self.max_pixels)
+                decoded = decode_file(os.fsdecode(bytes(raw)), self.max_pixels, **self.shape)
             except DecodeError as e:
                 errors[j] = (str(e) or "cannot decode").encode("utf-8", "surrogateescape")
                 continue
@@ -73,7 +78,8 @@ class EmbedActor:
             ok.append(j)
         vectors = np.zeros((n, self.dim), dtype=np.float32)
         if ok:
-            vectors[ok] = self.model.embed(np.stack(pixels))
+            same = len({p.shape for p in pixels}) == 1  # whole images: many shapes
+            vectors[ok] = self.model.embed(np.stack(pixels) if same else pixels)
         return {
             "i": np.asarray(block["i"], dtype=np.int64),
             "error": np.array(errors, dtype=object),
@@ -140,6 +146,7 @@ class RayEngine:
                 "dim": dim,
                 "max_pixels": settings.max_pixels,
                 "threads": max(1, int(self.actor_cpus)),
+                "shape": {"size": settings.image_size, "crop": settings.input == "crop"},
             },
             batch_size=size,
             batch_format="numpy",

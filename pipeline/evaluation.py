@@ -69,16 +69,26 @@ def load_queries(db, source: str | None, leave_one_out: bool) -> Queries:
     return Queries([p for p, _ in pairs], [lab for _, lab in pairs], [None] * len(pairs))
 
 
-def _pixels(paths: list[str], max_pixels: int) -> tuple[np.ndarray, list[int]]:
-    """Decoded pixels of the files that decode, and the positions of those that do."""
+def _pixels(
+    paths: list[str], max_pixels: int, shape: dict[str, Any] | None = None
+) -> tuple[np.ndarray | list[np.ndarray], list[int]]:
+    """Decoded pixels of the files that decode (`shape`: the descriptor's decode arguments),
+    and the positions of those that do; a list when whole images differ in shape."""
     out, ok = [], []
     for i, p in enumerate(paths):
         try:
-            out.append(decode_file(p, max_pixels).pixels)
+            out.append(decode_file(p, max_pixels, **(shape or {})).pixels)
             ok.append(i)
         except DecodeError:
             continue
-    return (np.stack(out) if out else np.zeros((0, 224, 224, 3), np.uint8)), ok
+    if not out:
+        return np.zeros((0, 224, 224, 3), np.uint8), ok
+    return (np.stack(out) if len({p.shape for p in out}) == 1 else out), ok
+
+
+def decode_shape(settings: Settings) -> dict[str, Any]:
+    """The decode arguments of the settings' descriptor (resolved by `api.with_descriptor`)."""
+    return {"size": settings.image_size, "crop": settings.input == "crop"}
 
 
 def descriptors(
@@ -88,10 +98,14 @@ def descriptors(
     embed,
     max_pixels: int,
     hybrid_weight: float,
+    shape: dict[str, Any] | None = None,
 ) -> tuple[np.ndarray, list[int]]:
-    """Unit vectors for `paths` under `method`; `deep` given = already embedded."""
+    """Unit vectors for `paths` under `method`; `deep` given = already embedded; `shape`:
+    the catalog descriptor's decode arguments (`decode_shape(settings)`)."""
     need_pixels = method in ("color", "hybrid") or deep is None
-    pixels, ok = _pixels(paths, max_pixels) if need_pixels else (None, list(range(len(paths))))
+    pixels, ok = (
+        _pixels(paths, max_pixels, shape) if need_pixels else (None, list(range(len(paths))))
+    )
     if method == "color":  # no model needed at all
         return color.hsv_histograms(pixels), ok
     if deep is None:
@@ -148,6 +162,11 @@ def evaluate(
         )
     if index_name and index_name != indexes.EXACT and method != "resnet50":
         raise CbirError("--index evaluates the catalog's ResNet50 vectors: use --method resnet50")
+    if settings.rotations != "0":
+        raise CbirError(
+            f"rotations {settings.rotations}: only --groundtruth evaluates turned queries; "
+            "use --rotations 0 here"
+        )
     how = rerank_from(settings)
     db = coll.db
     ids = coll.indexed_ids()
@@ -162,13 +181,17 @@ def evaluate(
     queries = load_queries(db, source, leave_one_out)
     max_pixels = settings.max_pixels
 
-    db_desc, db_ok = descriptors(method, db_paths, deep_db, embed, max_pixels, hybrid_weight)
+    db_desc, db_ok = descriptors(
+        method, db_paths, deep_db, embed, max_pixels, hybrid_weight, decode_shape(settings)
+    )
     if leave_one_out:
         pos = {int(i): p for p, i in enumerate(ids)}
         q_deep = deep_db[[pos[i] for i in queries.ids]]
     else:
         q_deep = None
-    q_desc, q_ok = descriptors(method, queries.paths, q_deep, embed, max_pixels, hybrid_weight)
+    q_desc, q_ok = descriptors(
+        method, queries.paths, q_deep, embed, max_pixels, hybrid_weight, decode_shape(settings)
+    )
     if len(q_ok) < len(queries.paths):
         raise CbirError(f"{len(queries.paths) - len(q_ok)} query images could not be decoded")
     db_ids = ids[db_ok]

@@ -238,12 +238,23 @@ def fill(
     add_rows(index, rows, ids, crcs, factory)
 
 
-def build(coll, factory: str, params: dict[str, float] | None = None) -> faiss.Index:
-    """Build an index from the collection's indexed vectors (train, then add in chunks)."""
+def build(
+    coll, factory: str, params: dict[str, float] | None = None, whiten: Any = None
+) -> faiss.Index:
+    """Build an index from the collection's indexed vectors (train, then add in chunks).
+
+    `whiten` (a fitted faiss.PCAMatrix): the index is whitened, PCA -> L2 ->
+    IndexIDMap2(`factory` over the PCA's output dimensions); see `whitening`.
+    """
     ids = coll.indexed_ids()
     if coll.dim == 0 or len(ids) == 0:
         raise CbirError("the catalog has no indexed images yet: run 'cbir index FOLDER' first")
-    index = make_index(factory, coll.dim)
+    if whiten is not None:
+        from pipeline import whitening
+
+        index = whitening.wrap(whiten, make_index(factory, int(whiten.d_out)))
+    else:
+        index = make_index(factory, coll.dim)
     fill(index, coll.rows(), ids, factory, catalog.vector_crcs(coll.db))
     if params:
         apply_params(index, params)
@@ -465,6 +476,10 @@ def read(path: Path, mmap: bool | None = None, ondisk: bool = False) -> faiss.In
 def stored_ids(index: faiss.Index) -> np.ndarray:
     """The catalog ids an index holds, sorted: from IndexIDMap2's map, or an IVF's lists."""
     outer = faiss.downcast_index(index)
+    if isinstance(outer, faiss.IndexPreTransform):  # a whitened index: IDMap2 inside
+        inner = faiss.downcast_index(outer.index)
+        if isinstance(inner, faiss.IndexIDMap | faiss.IndexIDMap2):
+            outer = inner
     if isinstance(outer, faiss.IndexIDMap | faiss.IndexIDMap2):
         return np.sort(faiss.vector_to_array(outer.id_map))
     ivf = ivf_core(index)

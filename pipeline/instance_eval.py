@@ -11,6 +11,10 @@ benchmark's own protocol:
   relevant images (one that is not ranked at all adds precision 0).
 - N-S score (UKBench): the query stays in; how many of its group (the query and
   its relevant images) are in the top 4, averaged over the queries (4.0 at best).
+
+With the setting `rotations` on, each query's file is decoded again, turned by
+every angle and embedded, and its rankings are merged by `ranking.best_over`,
+as `cbir search FILE --rotations ...` does; the database vectors stay as stored.
 """
 
 from __future__ import annotations
@@ -27,9 +31,10 @@ from tqdm import tqdm
 
 from pipeline import catalog, evaluation, indexes, metrics
 from pipeline.collection import Collection
-from pipeline.config import Settings
+from pipeline.config import Settings, rotation_angles
+from pipeline.decode import DecodeError, decode_file
 from pipeline.errors import CbirError
-from pipeline.ranking import ranked, rerank_from
+from pipeline.ranking import merge_variants, ranked, rerank_from
 
 COLUMNS = ("query", "relevant")
 NS_DEPTH = 4  # UKBench counts the group's images in the top 4
@@ -186,6 +191,26 @@ def score_query(
     }
 
 
+def rotated_queries(
+    paths: list[str],
+    angles: tuple[int, ...],
+    embed,
+    max_pixels: int,
+    shape: dict[str, Any] | None = None,
+) -> np.ndarray:
+    """The query files decoded again, turned by each angle, embedded in one call:
+    (len(paths) * len(angles), d), each query's angles together."""
+    pixels = []
+    for path in paths:
+        for a in angles:
+            try:
+                pixels.append(decode_file(path, max_pixels, a, **(shape or {})).pixels)
+            except DecodeError as e:
+                raise CbirError(f"query image {path} cannot be decoded again: {e}") from None
+    same = len({p.shape for p in pixels}) == 1  # whole images come in many shapes
+    return embed(np.stack(pixels) if same else pixels)
+
+
 def evaluate_instances(
     coll: Collection,
     settings: Settings,
@@ -198,6 +223,9 @@ def evaluate_instances(
     """mAP (Holidays protocol) and N-S score (UKBench protocol) of the catalog's queries."""
     if index_name and index_name != indexes.EXACT:
         raise CbirError("--groundtruth ranks the whole catalog by exact search: leave out --index")
+    angles = rotation_angles(settings.rotations)
+    if len(angles) > 1 and method != "resnet50":
+        raise CbirError("--rotations turns the queries for the model: use --method resnet50")
     how = rerank_from(settings)
     ids = coll.indexed_ids()
     if not len(ids):
@@ -211,8 +239,9 @@ def evaluate_instances(
     else:  # colour or hybrid descriptors, decoded again, in a flat index of their own
         db_paths = [paths[int(i)] for i in ids]
         desc, ok = evaluation.descriptors(
-            method, db_paths, coll.vectors(ids), embed, settings.max_pixels, hybrid_weight
-        )
+            method, db_paths, coll.vectors(ids), embed, settings.max_pixels, hybrid_weight,
+            evaluation.decode_shape(settings),
+        )  # fmt: skip
         undecoded = set(truth.queries) - set(ids[ok].tolist())
         if undecoded:
             raise CbirError(f"{len(undecoded)} query images could not be decoded")
@@ -220,11 +249,21 @@ def evaluate_instances(
     n = int(index.ntotal)
 
     per_query: list[dict[str, Any]] = []
-    block = max(1, min(len(truth.queries), evaluation.BLOCK_ENTRIES // max(n, 1)))
+    # With rotations, each query is one ranking per angle (merged after ranking).
+    per_block = evaluation.BLOCK_ENTRIES // max(n * len(angles), 1)
+    block = max(1, min(len(truth.queries), per_block))
     starts = range(0, len(truth.queries), block)
     for b in tqdm(starts, desc="evaluating", unit="block", disable=None, file=sys.stderr):
         q_ids = np.array(truth.queries[b : b + block], dtype=np.int64)
-        found, found_scores = ranked(index, lookup, lookup(q_ids), n, how)
+        if len(angles) > 1:  # the query files turned and embedded again; the database as stored
+            q_paths = [paths[q] for q in q_ids.tolist()]
+            q_vecs = rotated_queries(
+                q_paths, angles, embed, settings.max_pixels, evaluation.decode_shape(settings)
+            )
+            found, found_scores = ranked(index, lookup, q_vecs, n, how)
+            found, found_scores = merge_variants(found, found_scores, [len(angles)] * len(q_ids))
+        else:
+            found, found_scores = ranked(index, lookup, lookup(q_ids), n, how)
         for q, row, sc in zip(q_ids.tolist(), found, found_scores, strict=True):
             keep = row >= 0
             per_query.append(score_query(q, row[keep], sc[keep], truth.relevant[q], paths))
@@ -234,6 +273,7 @@ def evaluate_instances(
         result["rerank_n"], result["rerank_alpha"] = how.n, how.alpha
     result.update(
         {
+            "rotations": settings.rotations,
             "groundtruth": str(groundtruth),
             "protocol": f"instance ground truth from {groundtruth}",
             "queries": len(per_query),

@@ -87,7 +87,11 @@ class LocalEngine:
     ) -> Iterator[Batch]:
         batch: Batch = []
         stream = _decoded_stream(
-            todo, settings.workers, settings.max_pixels, lookahead=4 * settings.batch_size
+            todo,
+            settings.workers,
+            settings.max_pixels,
+            lookahead=4 * settings.batch_size,
+            shape={"size": settings.image_size, "crop": settings.input == "crop"},
         )
         for item in stream:
             batch.append(item)
@@ -149,13 +153,18 @@ def _plan(db, scanned: list[ScannedFile], retry_failed: bool) -> Plan:
 
 
 def _decoded_stream(
-    files: list[ScannedFile], workers: int, max_pixels: int, lookahead: int
+    files: list[ScannedFile],
+    workers: int,
+    max_pixels: int,
+    lookahead: int,
+    shape: dict[str, Any] | None = None,
 ) -> Iterator[tuple[ScannedFile, Decoded | DecodeError]]:
-    """Decode in a thread pool, in order, keeping at most `lookahead` files in flight."""
+    """Decode in a thread pool, in order, keeping at most `lookahead` files in flight;
+    `shape` is the descriptor's decode arguments (size, crop)."""
 
     def work(f: ScannedFile) -> Decoded | DecodeError:
         try:
-            return decode_file(f.path, max_pixels)
+            return decode_file(f.path, max_pixels, **(shape or {}))
         except DecodeError as e:
             return e
 
@@ -326,7 +335,10 @@ class _Batches:
             self.seen_sha.setdefault(result.sha256, twin)
         here = [i for i in to_embed if isinstance(batch[i][1], Decoded)]
         if here:
-            out[here] = self.model().embed(np.stack([batch[i][1].pixels for i in here]))
+            pixels = [batch[i][1].pixels for i in here]
+            # Whole images come in many shapes: the embedder groups them itself.
+            same = len({p.shape for p in pixels}) == 1
+            out[here] = self.model().embed(np.stack(pixels) if same else pixels)
         made = [i for i in to_embed if isinstance(batch[i][1], Embedded)]
         if made:
             got = np.stack([batch[i][1].vector for i in made])

@@ -4,6 +4,9 @@ Approximate indexes return candidates; their scores are then recomputed from
 the stored vectors, so every score printed is a true cosine similarity and
 exact and approximate results have the same meaning as well as the same shape.
 
+For a whitened index (`whitening`) the scores are cosines in its whitened
+space: its transform is applied to the stored candidates and the query.
+
 Re-ranking (database-side augmentation, alpha query expansion, relevance
 feedback) happens here too, on a shortlist of candidates, so it works with
 every index and is the same code that `cbir evaluate` measures.
@@ -19,7 +22,7 @@ from typing import Any, Protocol
 import faiss
 import numpy as np
 
-from pipeline import catalog, rerank
+from pipeline import catalog, rerank, whitening
 from pipeline.config import RERANK_METHODS, Settings
 from pipeline.errors import CbirError
 
@@ -120,9 +123,17 @@ def _ranked(index, lookup, queries, k, how, refine):
         return np.full((len(queries), 0), -1), np.zeros((len(queries), 0), np.float32)
     _, cand = index.search(queries, first_k)
     found = np.unique(cand[cand >= 0])
-    vecs = lookup(found)
+    raw = lookup(found)
+    # A whitened index scores in its whitened space: the exact scores below are
+    # cosines of the transformed vectors (raw ones would undo the whitening).
+    # The index itself is always searched with raw vectors; it transforms them.
+    space = whitening.transform_of(index)
+    if space is not None:
+        queries = space(queries)
+        lookup = _through(lookup, space)
+    vecs = space(raw) if space is not None else raw
     if "dba" in how.methods:
-        _, nb = index.search(vecs, min(how.n, ntotal))
+        _, nb = index.search(raw, min(how.n, ntotal))
         nb_flat = np.unique(nb[nb >= 0])
         nb_vecs = lookup(nb_flat)
         pos = np.searchsorted(nb_flat, np.where(nb >= 0, nb, nb_flat[0]))
@@ -155,6 +166,45 @@ def _ranked(index, lookup, queries, k, how, refine):
     return ids_out, scores_out
 
 
+def best_over(ids: np.ndarray, scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """One query's rankings under several variants (rows of `ranked`'s ids and scores, -1
+    padded), merged into one: each id once, with its best score over the variants, by
+    score then id, at most `k`. Returns 1-d (ids, scores).
+
+    Each variant's own top k is enough: an image in the merged top k is in the top k of
+    the variant that gives it its best score.
+    """
+    ids, scores = np.ravel(ids), np.ravel(scores)
+    ids, scores = ids[ids >= 0], scores[ids >= 0]
+    order = np.lexsort((ids, -scores))  # best first, ties by id
+    ids, scores = ids[order], scores[order]
+    _, first = np.unique(ids, return_index=True)  # each id's best entry
+    keep = np.sort(first)[:k]
+    return ids[keep], scores[keep]
+
+
+def merge_variants(
+    ids: np.ndarray, scores: np.ndarray, groups: Sequence[int]
+) -> tuple[np.ndarray, np.ndarray]:
+    """`ranked`'s rows cut into consecutive groups (the variants of one query each), each
+    merged by `best_over`: one row per group, the same width, -1 padded."""
+    if sum(groups) != len(ids):
+        raise ValueError(f"groups of {sum(groups)} rows for {len(ids)} rankings")
+    width = ids.shape[1]
+    ids_out = np.full((len(groups), width), -1, dtype=np.int64)
+    scores_out = np.zeros((len(groups), width), dtype=np.float32)
+    start = 0
+    for qi, n in enumerate(groups):
+        got, got_scores = best_over(ids[start : start + n], scores[start : start + n], width)
+        ids_out[qi, : len(got)], scores_out[qi, : len(got)] = got, got_scores
+        start += n
+    return ids_out, scores_out
+
+
+def _through(lookup: Lookup, space: Callable[[np.ndarray], np.ndarray]) -> Lookup:
+    return lambda ids: space(lookup(ids))
+
+
 def search_vectors(
     coll,
     index: SearchIndex,
@@ -162,12 +212,17 @@ def search_vectors(
     k: int = 10,
     how: Rerank = Rerank(),
     refine: int = 1,
+    groups: Sequence[int] | None = None,
 ) -> list[list[dict[str, Any]]]:
     """Top-k results for each query vector, as lists of result dicts.
 
     Each result: rank (from 1), id, path, label, score (cosine similarity).
+    `groups` (rows per query, e.g. a query's rotations) merges consecutive rows by
+    `best_over`: one list per group.
     """
     ids, scores = ranked(index, coll.vectors, queries, k, how, refine)
+    if groups is not None:
+        ids, scores = merge_variants(ids, scores, groups)
     rows = catalog.lookup(coll.db, np.unique(ids[ids >= 0]))
     results = []
     for id_row, score_row in zip(ids, scores, strict=True):

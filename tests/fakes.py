@@ -68,14 +68,26 @@ class FakeEmbedder:
         runtime="keras",
         precision="fp32",
         log: str | None = None,
+        descriptor=None,
     ):
         self.model = FakeModel(delay, log)
-        self.fingerprint = dict(FAKE_FINGERPRINT)
+        # The catalog's descriptor is recorded as a real model records it; images of
+        # other sizes (whole-image descriptors) are resized to 224x224 for the projection.
+        from pipeline.descriptor import Descriptor
+
+        self.descriptor = descriptor or Descriptor()
+        self.fingerprint = {**FAKE_FINGERPRINT, **(descriptor.fingerprint() if descriptor else {})}
         self.producer = {"runtime": runtime, "precision": precision, "calibration": None}
         self.batch_size = batch_size
         self.source = "imagenet"
 
-    def embed(self, pixels: np.ndarray) -> np.ndarray:
+    def embed(self, pixels) -> np.ndarray:
+        if isinstance(pixels, list) or np.asarray(pixels).shape[1:] != (224, 224, 3):
+            from PIL import Image
+
+            pixels = np.stack(
+                [np.asarray(Image.fromarray(np.asarray(p)).resize((224, 224))) for p in pixels]
+            )
         return l2_normalize(self.model.predict_on_batch(preprocess(pixels)))
 
 
@@ -90,11 +102,12 @@ def cached(
     runtime: str = "keras",
     precision: str = "fp32",
     calibration: tuple[str, ...] = (),
+    descriptor=None,
     delay: float = 0.0,
     log: str | None = None,
 ) -> Embedder:
     """Stands in for pipeline.api.cached_embedder (same arguments): tests patch it in."""
-    return FakeEmbedder(batch_size, delay, runtime, precision, log)
+    return FakeEmbedder(batch_size, delay, runtime, precision, log, descriptor)
 
 
 def install(delay: float = 0.0) -> None:

@@ -46,10 +46,16 @@ class CarriedQuery:
         return api.Upload(self.name, base64.b64decode(self.png_b64))
 
 
-def from_upload(name: str, data: bytes, max_pixels: int) -> CarriedQuery:
-    """Decode an upload once (the caller holds a decode slot) into what the page carries."""
+def from_upload(
+    name: str, data: bytes, max_pixels: int, shape: dict[str, Any] | None = None
+) -> CarriedQuery:
+    """Decode an upload once (the caller holds a decode slot) into what the page carries.
+
+    `shape`: the descriptor's decode arguments; a whole image travels at its decoded
+    size, which decoding again leaves as it is.
+    """
     try:
-        pixels = decode_bytes(data, max_pixels).pixels
+        pixels = decode_bytes(data, max_pixels, **(shape or {})).pixels
         thumb = thumbs.thumbnail_bytes(data, max_pixels)
     except DecodeError as e:  # worded as api.search_in words it
         raise BadRequest(f"cannot use query image {name}: {e}") from None

@@ -1,6 +1,7 @@
 """Search options of a request (k, index, re-ranking, feedback), read from a form or JSON.
 
 The same options as `cbir search`: -k, --index, --rerank, --shortlist,
+--rotations (a form field; the JSON API's queries are ids, never turned),
 --relevant, --not-relevant (and --allow-stale for the JSON API). Each value is
 checked against the same specs as the CLI's (pipeline/config.py); the web
 caps k lower, since every result is a row to look up and, on a page, an image.
@@ -29,6 +30,7 @@ class SearchParams:
     index: str | None = None
     rerank: str | None = None
     shortlist: int | None = None
+    rotations: str | None = None
     relevant: tuple[int, ...] = ()
     not_relevant: tuple[int, ...] = ()
     allow_stale: bool = False
@@ -41,7 +43,7 @@ class SearchParams:
         """
         changes = {
             key: getattr(self, key)
-            for key in ("k", "index", "rerank", "shortlist")
+            for key in ("k", "index", "rerank", "shortlist", "rotations")
             if getattr(self, key) is not None
         }
         if not changes:
@@ -51,6 +53,7 @@ class SearchParams:
             "index": base.index,
             "rerank": base.rerank,
             "shortlist": base.shortlist,
+            "rotations": base.rotations,
         }
         merged.update(changes)
         if self.shortlist is None:
@@ -119,6 +122,9 @@ def from_form(form: Mapping[str, Any]) -> SearchParams:
         index=_index(given("index")) if given("index") is not None else None,
         rerank=_rerank(form.get("rerank")) if form.get("rerank") is not None else None,
         shortlist=_shortlist(given("shortlist")) if given("shortlist") is not None else None,
+        rotations=config.check("rotations", given("rotations"))
+        if given("rotations") is not None
+        else None,
         relevant=_ids("relevant", form.getlist("relevant")),
         not_relevant=_ids("not_relevant", form.getlist("not_relevant")),
     )

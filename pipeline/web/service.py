@@ -63,7 +63,8 @@ class Service:
 
         A stale or damaged default index stops `cbir serve` here, with its message.
         """
-        self.embedder.embed(np.zeros((1, 224, 224, 3), np.uint8))
+        size = self.embedder.descriptor.size
+        self.embedder.embed(np.zeros((1, size, size, 3), np.uint8))
         self.coll.index(self.settings.index)
 
     # --- searching: every path ends in api.search_in -------------------------------------
@@ -84,7 +85,9 @@ class Service:
             # pixels then wait for a micro-batch with those of other requests.
             with self.slots.hold(decode_cost(query.data)):
                 try:
-                    decoded = decode_bytes(query.data, settings.max_pixels).pixels
+                    decoded = decode_bytes(
+                        query.data, settings.max_pixels, **self.embedder.descriptor.decode
+                    ).pixels
                 except DecodeError as e:
                     raise BadRequest(f"cannot use query image {query.name}: {e}") from None
             query = api.Pixels(query.name, decoded)
@@ -96,7 +99,9 @@ class Service:
     def carry(self, name: str, data: bytes) -> CarriedQuery:
         """Decode an upload once, into what a results page carries (see carry.py)."""
         with self.slots.hold(decode_cost(data)):
-            return from_upload(name, data, self.settings.max_pixels)
+            return from_upload(
+                name, data, self.settings.max_pixels, self.embedder.descriptor.decode
+            )
 
     def search_carried(self, query: CarriedQuery, params: SearchParams) -> dict[str, Any]:
         return self.search(query.upload(), params)
