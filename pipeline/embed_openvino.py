@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 
 from pipeline import cpu
+from pipeline.decode import PREPROCESSING
 from pipeline.descriptor import Descriptor
 from pipeline.embed import _BGR_MEAN, DIM, MapsEmbedder, gem, l2_normalize
 from pipeline.errors import CbirError
@@ -333,7 +334,11 @@ def load(
         "calibration": calibration,
     }
     source = "imagenet" if weights == "imagenet" else os.path.abspath(weights)
-    fingerprint = {**entry.meta["fingerprint"], **d.fingerprint()}
+    # The cached model serves every descriptor of its kind: its stored fingerprint's
+    # descriptor fields are replaced by this descriptor's.
+    base = {k: v for k, v in entry.meta["fingerprint"].items() if k not in ("input", "scales")}
+    base["preprocessing"] = PREPROCESSING + ",caffe-bgr-mean"
+    fingerprint = {**base, **d.fingerprint()}
     if fast:
         return OpenVINOEmbedder(
             compiled, fingerprint, producer, batch_size, source, pooling, descriptor=d

@@ -41,14 +41,16 @@ def write_manifest(path: Path, rows: list[dict[str, str]]) -> Path:
 
 @pytest.fixture(autouse=True)
 def keras_for_end_to_end_tests(request, tmp_path_factory, monkeypatch):
-    """Slow tests run the reference Keras model unless they name a runtime.
+    """Slow tests run the reference Keras model with the paper's descriptor (224 crop,
+    average pooling) unless they name others.
 
-    Their expected figures were measured with it, and a new catalog under the
-    default runtime would quantise an int8 model for every test (20-60 s each).
+    Their expected figures were measured with these; a new catalog under the
+    default runtime would quantise an int8 model for every test (20-60 s each),
+    and the default whole-image descriptor has tests of its own.
     """
     if request.node.get_closest_marker("slow") and "CBIR_CONFIG" not in os.environ:
         config = tmp_path_factory.getbasetemp() / "keras-runtime.toml"
-        config.write_text('runtime = "keras"\n')
+        config.write_text('runtime = "keras"\ninput = "crop"\npooling = "avg"\n')
         monkeypatch.setenv("CBIR_CONFIG", str(config))
 
 

@@ -69,6 +69,9 @@ def assert_refused(result, *words: str) -> None:
         assert w in lines[0], (w, lines[0])
 
 
+CLASSIC = ["--input", "crop", "--pooling", "avg"]
+
+
 @pytest.fixture(scope="module")
 def coll(tmp_path_factory) -> Path:
     """Eight scenes (imgs/scene_N.png) indexed; turned copies of scene 0 outside the catalog."""
@@ -80,7 +83,8 @@ def coll(tmp_path_factory) -> Path:
     save(scene(1), root / "queries" / "other_turned180.png", 180)
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(api, "cached_embedder", fakes.cached)
-        assert cli("index", root / "imgs", *opts(root)).exit_code == 0
+        # The paper's 224 crop: these tests turn decoded squares (the web server's path).
+        assert cli("index", root / "imgs", *CLASSIC, *opts(root)).exit_code == 0
     return root
 
 
@@ -248,7 +252,8 @@ def bench(tmp_path_factory) -> Path:
     save(scene(30), root / "imgs" / "q2_copy.png")
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(api, "cached_embedder", fakes.cached)
-        assert cli("index", root / "imgs", *opts(root)).exit_code == 0
+        # The paper's 224 crop: these tests turn decoded squares (the web server's path).
+        assert cli("index", root / "imgs", *CLASSIC, *opts(root)).exit_code == 0
     write_gt(root / "gt.csv", [("q.png", "sideways.png"), ("q2.png", "q2_copy.png")])
     return root
 
