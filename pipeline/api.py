@@ -236,7 +236,8 @@ class Upload:
 
 @dataclass(frozen=True)
 class Pixels:
-    """An image already decoded to model input ((224, 224, 3) uint8), queried like a file.
+    """An image already decoded to model input ((h, w, 3) uint8 as the catalog's descriptor
+    decodes it: 224 x 224 for the paper's crop), queried like a file.
 
     The web server decodes uploads within its memory budget, then lets many
     decoded queries meet in one forward pass.

@@ -62,3 +62,25 @@ def test_an_error_reaches_every_caller_and_the_worker_lives_on():
     inner.fail = False
     assert batcher.embed(np.zeros((2, 224, 224, 3), np.uint8)).shape == (2, 2048)
     assert batcher.fingerprint == inner.fingerprint  # the model's own attributes show through
+
+
+def test_whole_images_of_different_shapes_share_a_pass():
+    """Whole-image descriptors: uploads of other aspect ratios meet in one forward pass."""
+    inner = SlowFake()
+    batcher = MicroBatcher(inner, max_batch=8, wait_s=0.05)
+    rng = np.random.default_rng(3)
+    shapes = [(224, 298, 3), (298, 224, 3), (224, 224, 3), (224, 400, 3)]
+    images = [rng.integers(0, 255, s, dtype=np.uint8) for s in shapes]
+    got: dict[int, np.ndarray] = {}
+
+    def call(i: int) -> None:
+        got[i] = batcher.embed([images[i]])
+
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(len(images))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for i, im in enumerate(images):
+        np.testing.assert_allclose(got[i], fakes.FakeEmbedder().embed([im]), atol=1e-6)
+    assert sum(batcher.batches) == 4 and len(batcher.batches) < 4  # some passes were shared

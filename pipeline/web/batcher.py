@@ -21,7 +21,7 @@ from pipeline.embed import Embedder
 
 @dataclass
 class _Job:
-    pixels: np.ndarray
+    pixels: list[np.ndarray]  # images of any shapes (whole-image descriptors differ)
     done: threading.Event = field(default_factory=threading.Event)
     result: np.ndarray | None = None
     error: BaseException | None = None
@@ -40,8 +40,8 @@ class MicroBatcher:
     def __getattr__(self, name: str) -> Any:
         return getattr(self.inner, name)  # fingerprint, producer, batch_size, source: the model's
 
-    def embed(self, pixels: np.ndarray) -> np.ndarray:
-        job = _Job(np.asarray(pixels))
+    def embed(self, pixels: np.ndarray | list[np.ndarray]) -> np.ndarray:
+        job = _Job([np.asarray(p) for p in pixels])
         with self._start:
             if self._worker is None:
                 self._worker = threading.Thread(target=self._run, name="embed", daemon=True)
@@ -68,7 +68,9 @@ class MicroBatcher:
                 size += len(job.pixels)
             timer.cancel()
             try:
-                out = self.inner.embed(np.concatenate([j.pixels for j in jobs]))
+                images = [p for j in jobs for p in j.pixels]
+                same = len({p.shape for p in images}) == 1
+                out = self.inner.embed(np.stack(images) if same else images)
                 self.batches.append(size)
                 start = 0
                 for j in jobs:
