@@ -24,6 +24,7 @@ all vectors afterwards).
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import math
 import os
@@ -36,7 +37,7 @@ from typing import Any
 import faiss
 import numpy as np
 
-from pipeline import catalog, metrics, vectors
+from pipeline import catalog, faults, metrics, vectors
 from pipeline.config import Spec, check
 from pipeline.errors import CbirError
 
@@ -203,7 +204,13 @@ def write_transform(pca: faiss.PCAMatrix, path: str) -> None:
         faiss.write_VectorTransform(pca, str(tmp))
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
+        faults.step(f"fsync {tmp.name}")
         os.replace(tmp, target)
+        faults.step(f"rename {target.name}")
+        # Temporaries of writes of this file that were killed before their rename.
+        for stale in target.parent.glob(f".{glob.escape(target.name)}.*.tmp"):
+            with contextlib.suppress(OSError):
+                stale.unlink()
     except (OSError, RuntimeError) as e:
         with contextlib.suppress(OSError):
             tmp.unlink()

@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import faiss
@@ -21,7 +24,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 import fakes
-from pipeline import api, catalog, collection, indexes, whitening
+from pipeline import api, catalog, collection, faults, indexes, whitening
 from pipeline.cli import main
 from pipeline.errors import CbirError
 
@@ -365,3 +368,41 @@ def test_api_checks_the_same_values(state):
         assert e.value.exit_code == 2
     record_ = api.build_index("w", whiten=True, whiten_dim=8, **o)
     assert record_["factory"] == "Whiten8,Flat"
+
+
+# --- crash safety --------------------------------------------------------------------------------
+
+
+def test_crash_at_every_step_of_a_whitened_build(state, tmp_path):
+    """A whitened rebuild (and its --save-whitening file) killed after each write step
+    leaves the old index or the new one, both searchable and verified, and no temporaries."""
+    ok(cli("build-index", "w", "--whiten", "--whiten-dim", 16, *opts(state)), "first build")
+    fakes_py = str(Path(fakes.__file__).resolve())
+
+    def child(where: Path, env: dict[str, str]) -> subprocess.CompletedProcess:
+        args = ["build-index", "w", "--whiten", "--whiten-dim", 16, "--shrinkage", 0.75,
+                "--save-whitening", where / "w.pca", *opts(where)]  # fmt: skip
+        return subprocess.run(
+            [sys.executable, fakes_py, *map(str, args)],
+            capture_output=True, text=True, env={**os.environ, **env}, timeout=120,
+        )  # fmt: skip
+
+    log = tmp_path / "steps.log"
+    clean = tmp_path / "clean"
+    shutil.copytree(state, clean)
+    assert child(clean, {faults.CRASH_LOG: str(log)}).returncode == 0
+    steps = log.read_text().splitlines()
+    assert len(steps) >= 5, steps
+    for k in range(1, len(steps) + 1):
+        where = tmp_path / f"k{k}"
+        shutil.copytree(state, where)
+        r = child(where, {faults.CRASH_AFTER: str(k)})
+        assert r.returncode == faults.CRASH_EXIT, f"step {k}: {r.stderr}"
+        ok(cli("search", "--id", 3, "--index", "w", *opts(where)), f"after step {k}")
+        assert cli("verify", *opts(where)).exit_code == 0, f"after step {k}"
+        assert child(where, {}).returncode == 0, f"rerun after step {k}"
+        leftovers = [f.name for f in where.rglob("*.tmp")]
+        assert not leftovers, f"after step {k}: {leftovers}"
+        assert record(where, "w")["factory"] == "Whiten16,Flat"
+        assert faiss.read_VectorTransform(str(where / "w.pca")).d_out == 16
+        shutil.rmtree(where)
