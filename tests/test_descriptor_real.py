@@ -55,9 +55,7 @@ def test_option_on_both_runtimes(d, images, weights):
     assert cos.min() >= 0.999, cos
 
 
-def test_a_catalog_refuses_queries_of_another_descriptor(tmp_path, images, weights, monkeypatch):
-    # No config file: its values would count as given (the slow tier's pins the paper's).
-    monkeypatch.delenv("CBIR_CONFIG", raising=False)
+def test_a_catalog_refuses_queries_of_another_descriptor(tmp_path, images, weights):
     folder = tmp_path / "imgs"
     folder.mkdir()
     for f in images:

@@ -53,6 +53,11 @@ def test_kill_9_mid_job_then_rerun_gives_exact_rows_and_vectors(tmp_path, corel_
         str(idx),
         "--weights",
         corel_collection["weights"],
+        # the shared collection's descriptor, whose vectors the rerun must equal
+        "--input",
+        corel_collection["input"],
+        "--pooling",
+        corel_collection["pooling"],
     ]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.time() + 120
