@@ -428,8 +428,12 @@ def info_cmd(as_json: bool, **options) -> None:
     )
     fp = info["fingerprint"] or {}
     if fp:
+        from pipeline.descriptor import from_fingerprint
+
+        d = from_fingerprint(fp)
         click.echo(
-            f"model:    {fp['architecture']}, {fp['pooling']} pooling, weights sha256 {fp['weights_sha256'][:16]}"
+            f"model:    {fp['architecture']}, weights sha256 {fp['weights_sha256'][:16]}; "
+            + (d.describe_text() if d else f"{fp.get('pooling')} pooling")
         )
     if info["labels"]:
         click.echo("labels:   " + ", ".join(f"{k} {v}" for k, v in info["labels"].items()))
