@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline import catalog, config, indexes, jobs, ranking, rerank
+from pipeline import catalog, config, descriptor, indexes, jobs, ranking, rerank
 from pipeline.collection import Collection, reading, writing
 from pipeline.config import DEFAULTS, Settings, load_settings
 from pipeline.decode import DecodeError, decode_bytes, decode_file
@@ -335,8 +335,7 @@ def search_in(
         pixel_slots.append(len(vecs))
         vecs.append(None)
     if pixels:  # every angle of every image query in one call of the model
-        same = len({p.shape for p in pixels}) == 1  # whole images come in many shapes
-        embedded = embedder().embed(np.stack(pixels) if same else pixels)
+        embedded = embedder().embed(descriptor.batch(pixels))
         for n, slot in enumerate(pixel_slots):
             vecs[slot] = embedded[n * len(angles) : (n + 1) * len(angles)]
     good = [i for i, v in enumerate(vecs) if v is not None]

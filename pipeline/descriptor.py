@@ -180,6 +180,12 @@ def _unit(v: np.ndarray) -> np.ndarray:
     return v / max(float(np.linalg.norm(v)), 1e-12)
 
 
+def batch(images: list[np.ndarray]) -> np.ndarray | list[np.ndarray]:
+    """Images for an embedder: one array when they share a shape (every crop does), else
+    the list (whole images of several aspect ratios; `describe` groups them)."""
+    return np.stack(images) if len({im.shape for im in images}) == 1 else images
+
+
 def rescale(pixels: np.ndarray, scale: float) -> np.ndarray:
     """An image at `scale` of its size (bilinear, as decoding resizes); 1 = itself."""
     if scale == 1.0:

@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline import raycluster
+from pipeline import descriptor, raycluster
 from pipeline.config import Settings
 from pipeline.decode import DecodeError, decode_file
 from pipeline.embed import Embedder
@@ -78,8 +78,7 @@ class EmbedActor:
             ok.append(j)
         vectors = np.zeros((n, self.dim), dtype=np.float32)
         if ok:
-            same = len({p.shape for p in pixels}) == 1  # whole images: many shapes
-            vectors[ok] = self.model.embed(np.stack(pixels) if same else pixels)
+            vectors[ok] = self.model.embed(descriptor.batch(pixels))
         return {
             "i": np.asarray(block["i"], dtype=np.int64),
             "error": np.array(errors, dtype=object),

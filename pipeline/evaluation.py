@@ -20,7 +20,7 @@ import faiss
 import numpy as np
 from tqdm import tqdm
 
-from pipeline import catalog, color, indexes, metrics
+from pipeline import catalog, color, descriptor, indexes, metrics
 from pipeline.collection import Collection
 from pipeline.config import EVALUATION_METHODS, Settings
 from pipeline.decode import DecodeError, decode_file
@@ -83,7 +83,7 @@ def _pixels(
             continue
     if not out:
         return np.zeros((0, 224, 224, 3), np.uint8), ok
-    return (np.stack(out) if len({p.shape for p in out}) == 1 else out), ok
+    return descriptor.batch(out), ok
 
 
 def decode_shape(settings: Settings) -> dict[str, Any]:

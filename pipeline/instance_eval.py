@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from pipeline import catalog, evaluation, indexes, metrics
+from pipeline import catalog, descriptor, evaluation, indexes, metrics
 from pipeline.collection import Collection
 from pipeline.config import Settings, rotation_angles
 from pipeline.decode import DecodeError, decode_file
@@ -207,8 +207,7 @@ def rotated_queries(
                 pixels.append(decode_file(path, max_pixels, a, **(shape or {})).pixels)
             except DecodeError as e:
                 raise CbirError(f"query image {path} cannot be decoded again: {e}") from None
-    same = len({p.shape for p in pixels}) == 1  # whole images come in many shapes
-    return embed(np.stack(pixels) if same else pixels)
+    return embed(descriptor.batch(pixels))
 
 
 def evaluate_instances(

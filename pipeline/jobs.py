@@ -23,7 +23,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from pipeline import catalog, collection, indexes, vectors
+from pipeline import catalog, collection, descriptor, indexes, vectors
 from pipeline.collection import Collection
 from pipeline.config import Settings
 from pipeline.decode import Decoded, DecodeError, decode_file
@@ -335,10 +335,7 @@ class _Batches:
             self.seen_sha.setdefault(result.sha256, twin)
         here = [i for i in to_embed if isinstance(batch[i][1], Decoded)]
         if here:
-            pixels = [batch[i][1].pixels for i in here]
-            # Whole images come in many shapes: the embedder groups them itself.
-            same = len({p.shape for p in pixels}) == 1
-            out[here] = self.model().embed(np.stack(pixels) if same else pixels)
+            out[here] = self.model().embed(descriptor.batch([batch[i][1].pixels for i in here]))
         made = [i for i in to_embed if isinstance(batch[i][1], Embedded)]
         if made:
             got = np.stack([batch[i][1].vector for i in made])

@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from pipeline import descriptor
 from pipeline.embed import Embedder
 
 
@@ -68,9 +69,7 @@ class MicroBatcher:
                 size += len(job.pixels)
             timer.cancel()
             try:
-                images = [p for j in jobs for p in j.pixels]
-                same = len({p.shape for p in images}) == 1
-                out = self.inner.embed(np.stack(images) if same else images)
+                out = self.inner.embed(descriptor.batch([p for j in jobs for p in j.pixels]))
                 self.batches.append(size)
                 start = 0
                 for j in jobs:
