@@ -82,6 +82,8 @@ def engines(
     ):
         args = api.embedder_args(s, coll, todo=files)
     rows = []
+    if len(files) < 8 * s.batch_size:
+        log(f"  note: fewer than {8 * s.batch_size} images (8 batches): the steady rate is noisy")
 
     small = files[: s.batch_size]
 
