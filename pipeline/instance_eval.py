@@ -19,7 +19,6 @@ as `cbir search FILE --rotations ...` does; the database vectors stay as stored.
 
 from __future__ import annotations
 
-import csv
 import os
 import sys
 from collections import defaultdict
@@ -35,6 +34,7 @@ from pipeline.config import Settings, rotation_angles
 from pipeline.decode import DecodeError, decode_file
 from pipeline.errors import CbirError
 from pipeline.ranking import merge_variants, ranked, rerank_from
+from pipeline.scan import read_csv
 
 COLUMNS = ("query", "relevant")
 NS_DEPTH = 4  # UKBench counts the group's images in the top 4
@@ -61,28 +61,10 @@ class GroundTruth:
 
 def read_pairs(path: str) -> list[tuple[str, str]]:
     """The (query, relevant) file-name pairs of a ground-truth CSV (UTF-8, a BOM allowed)."""
-    try:
-        with open(path, newline="", encoding="utf-8-sig") as f:
-            reader = csv.DictReader(f, skipinitialspace=True)
-            fields = [name.strip() for name in reader.fieldnames or []]
-            missing = [c for c in COLUMNS if c not in fields]
-            if missing:
-                raise CbirError(
-                    f"{path}: a ground-truth CSV needs a header with the columns query,relevant "
-                    f"(missing: {', '.join(missing)})"
-                )
-            reader.fieldnames = fields
-            rows = list(reader)
-    except FileNotFoundError:
-        raise CbirError(f"ground-truth file not found: {path}") from None
-    except UnicodeDecodeError as e:
-        raise CbirError(
-            f"{path} is not UTF-8 text (byte {e.start}); save it as UTF-8 CSV"
-        ) from None
-    except csv.Error as e:
-        raise CbirError(f"{path} is not a readable CSV file: {e}") from None
-    except OSError as e:
-        raise CbirError(f"cannot read ground-truth file {path}: {e.strerror}") from None
+    rows = read_csv(
+        path, COLUMNS, "ground-truth", "a ground-truth CSV needs a header with the columns "
+        "query,relevant",
+    )  # fmt: skip
     pairs = []
     for n, row in enumerate(rows, start=1):
         query, rel = (row.get("query") or "").strip(), (row.get("relevant") or "").strip()

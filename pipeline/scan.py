@@ -33,6 +33,36 @@ def is_image_name(name: str) -> bool:
     return os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
 
 
+def read_csv(
+    path: str | Path, required: tuple[str, ...], what: str, header_hint: str
+) -> list[dict[str, str | None]]:
+    """The rows of a UTF-8 CSV with a header holding `required` columns, as dicts.
+
+    Spreadsheet habits are accepted: a byte-order mark, and spaces around the
+    header names and after the commas. Every way it can fail is one line naming
+    the file (`what`: "label", "ground-truth"; `header_hint`: what the header needs).
+    """
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            reader = csv.DictReader(f, skipinitialspace=True)
+            fields = [name.strip() for name in reader.fieldnames or []]
+            missing = [c for c in required if c not in fields]
+            if missing:
+                raise CbirError(f"{path}: {header_hint} (missing: {', '.join(missing)})")
+            reader.fieldnames = fields
+            return list(reader)
+    except FileNotFoundError:
+        raise CbirError(f"{what} file not found: {path}") from None
+    except UnicodeDecodeError as e:
+        raise CbirError(
+            f"{path} is not UTF-8 text (byte {e.start}); save it as UTF-8 CSV"
+        ) from None
+    except csv.Error as e:
+        raise CbirError(f"{path} is not a readable CSV file: {e}") from None
+    except OSError as e:
+        raise CbirError(f"cannot read {what} file {path}: {e.strerror}") from None
+
+
 def read_label_csv(csv_path: str | Path, split: str = "") -> dict[str, str | None]:
     """Read `path,label[,split]` rows; paths are relative to the CSV's folder.
 
@@ -42,26 +72,9 @@ def read_label_csv(csv_path: str | Path, split: str = "") -> dict[str, str | Non
     """
     csv_path = Path(csv_path)
     base = csv_path.resolve().parent
-    try:
-        with csv_path.open(newline="", encoding="utf-8-sig") as f:
-            reader = csv.DictReader(f, skipinitialspace=True)
-            if reader.fieldnames:
-                reader.fieldnames = [name.strip() for name in reader.fieldnames]
-            if not reader.fieldnames or "path" not in reader.fieldnames:
-                raise CbirError(
-                    f"{csv_path}: a label CSV needs a 'path' column (path,label[,split])"
-                )
-            rows = list(reader)
-    except FileNotFoundError:
-        raise CbirError(f"label file not found: {csv_path}") from None
-    except UnicodeDecodeError as e:
-        raise CbirError(
-            f"{csv_path} is not UTF-8 text (byte {e.start}); save it as UTF-8 CSV"
-        ) from None
-    except csv.Error as e:
-        raise CbirError(f"{csv_path} is not a readable CSV file: {e}") from None
-    except OSError as e:
-        raise CbirError(f"cannot read label file {csv_path}: {e.strerror}") from None
+    rows = read_csv(
+        csv_path, ("path",), "label", "a label CSV needs a 'path' column (path,label[,split])"
+    )
     if split and rows and "split" not in rows[0]:
         raise CbirError(f"{csv_path}: --split {split} given but the CSV has no 'split' column")
     labels: dict[str, str | None] = {}

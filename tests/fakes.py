@@ -160,6 +160,37 @@ def assert_same(got: dict[str, tuple], want: dict[str, tuple], where: str) -> No
             np.testing.assert_allclose(got[path][6], row[6], atol=1e-5, err_msg=where)
 
 
+# --- the CLI in-process, for tests ----------------------------------------------------------
+
+
+def cli(*args):
+    """`cbir ARGS` in this process (Click's runner); every argument is str()-ed."""
+    from click.testing import CliRunner
+
+    from pipeline.cli import main
+
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def opts(state: Path) -> list[str]:
+    """The catalog and index folder of a test's state folder."""
+    return ["--catalog", str(state / "c.db"), "--index-dir", str(state / "idx")]
+
+
+def ok(r, where: str = "") -> str:
+    assert r.exit_code == 0, f"{where}: {r.output}"
+    return r.output
+
+
+def one_line_error(r, code: int) -> str:
+    """The one `cbir: error:` line of a refused command, which exited with `code`."""
+    assert r.exit_code == code, r.output
+    lines = r.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("cbir: error: "), r.output
+    assert "Traceback" not in r.output
+    return lines[0]
+
+
 if __name__ == "__main__":
     install(float(os.environ.get("FAKE_MODEL_DELAY", "0")))
     from pipeline.cli import main

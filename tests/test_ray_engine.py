@@ -149,44 +149,37 @@ def _wait_for(done: list[int], n: int, thread: threading.Thread) -> None:
     assert thread.is_alive(), "the job ended before the fault could be injected"
 
 
-def test_a_removed_worker_node_loses_nothing(cluster, tmp_path, monkeypatch):
-    imgs = tmp_path / "imgs"
-    fakes.make_images(imgs, N)
-    want = _reference(tmp_path, imgs, monkeypatch)
-    _fake_job(monkeypatch, DELAY, tmp_path / "calls.log")
-    opts = {"catalog": str(tmp_path / "c.db"), "index_dir": str(tmp_path / "ci")}
-    done: list[int] = []
-    thread, result = _run_in_thread(imgs, opts, done)
-    _wait_for(done, 40, thread)
-    victim = cluster.workers.pop(0)
-    cluster.remove_node(victim)  # its raylet, workers and object store, as a machine failing
+def _remove_a_node(cluster) -> None:
+    """A worker node's raylet, workers and object store go, as a machine failing; the
+    cluster's autoscaler would bring another, so one is added."""
+    cluster.remove_node(cluster.workers.pop(0))
     cluster.workers.append(cluster.add_node(num_cpus=1, object_store_memory=150 * 2**20))
-    thread.join(timeout=240)
-    assert not thread.is_alive(), "the job did not finish after losing a node"
-    assert "error" not in result, result.get("error")
-    assert result["summary"].indexed == N
-    fakes.assert_same(fakes.snapshot(Path(opts["catalog"])), want, "after a node was removed")
-    assert _embedded(tmp_path / "calls.log") > N, "no batch was lost and redone: no fault hit"
 
 
-def test_a_killed_actor_process_loses_nothing(cluster, tmp_path, monkeypatch):
-    imgs = tmp_path / "imgs"
-    fakes.make_images(imgs, N)
-    want = _reference(tmp_path, imgs, monkeypatch)
-    _fake_job(monkeypatch, DELAY, tmp_path / "calls.log")
-    opts = {"catalog": str(tmp_path / "c.db"), "index_dir": str(tmp_path / "ci")}
-    done: list[int] = []
-    thread, result = _run_in_thread(imgs, opts, done)
-    _wait_for(done, 40, thread)
+def _kill_an_actor(cluster) -> None:
+    """kill -9 of one model actor's worker process."""
     ps = subprocess.run(["ps", "-eo", "pid=,args="], capture_output=True, text=True).stdout
     pids = [int(line.split()[0]) for line in ps.splitlines() if "EmbedActor" in line]
     assert pids, "no actor process found"
     os.kill(pids[0], signal.SIGKILL)
+
+
+@pytest.mark.parametrize("fault", [_remove_a_node, _kill_an_actor], ids=["node", "actor"])
+def test_a_fault_mid_job_loses_nothing(cluster, tmp_path, monkeypatch, fault):
+    imgs = tmp_path / "imgs"
+    fakes.make_images(imgs, N)
+    want = _reference(tmp_path, imgs, monkeypatch)
+    _fake_job(monkeypatch, DELAY, tmp_path / "calls.log")
+    opts = {"catalog": str(tmp_path / "c.db"), "index_dir": str(tmp_path / "ci")}
+    done: list[int] = []
+    thread, result = _run_in_thread(imgs, opts, done)
+    _wait_for(done, 40, thread)
+    fault(cluster)
     thread.join(timeout=240)
-    assert not thread.is_alive(), "the job did not finish after an actor was killed"
+    assert not thread.is_alive(), f"the job did not finish after {fault.__doc__}"
     assert "error" not in result, result.get("error")
     assert result["summary"].indexed == N
-    fakes.assert_same(fakes.snapshot(Path(opts["catalog"])), want, "after an actor was killed")
+    fakes.assert_same(fakes.snapshot(Path(opts["catalog"])), want, fault.__name__)
     assert _embedded(tmp_path / "calls.log") > N, "no batch was lost and redone: no fault hit"
 
 

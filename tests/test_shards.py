@@ -20,12 +20,11 @@ from pathlib import Path
 import faiss
 import numpy as np
 import pytest
-from click.testing import CliRunner
 from PIL import Image
 
 import fakes
+from fakes import cli, ok, one_line_error, opts
 from pipeline import api, bench_shards, catalog, collection, faults, growing, indexes
-from pipeline.cli import main
 from pipeline.errors import CbirError
 
 FAKES = str(Path(fakes.__file__).resolve())
@@ -34,27 +33,6 @@ FAKES = str(Path(fakes.__file__).resolve())
 @pytest.fixture(autouse=True)
 def fake_model(monkeypatch):
     monkeypatch.setattr(api, "cached_embedder", fakes.cached)
-
-
-def cli(*args):
-    return CliRunner().invoke(main, [str(a) for a in args])
-
-
-def opts(state: Path) -> list[str]:
-    return ["--catalog", str(state / "c.db"), "--index-dir", str(state / "idx")]
-
-
-def ok(r, where: str = "") -> str:
-    assert r.exit_code == 0, f"{where}: {r.output}"
-    return r.output
-
-
-def one_line_error(r, code: int) -> str:
-    assert r.exit_code == code, r.output
-    lines = r.output.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("cbir: error: "), r.output
-    assert "Traceback" not in r.output
-    return lines[0]
 
 
 @pytest.fixture(scope="module")
