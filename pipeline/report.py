@@ -190,25 +190,30 @@ def write_report(
         _thumbs([q["query"], *(r["path"] for r in q["top10"])], out, src, max_pixels)
     write_chart(result, out / CHART)
 
+    return _render(
+        out,
+        result,
+        title=f"cbir evaluation: {result['method']}, rerank {result['rerank']}",
+        summary=_summary(result),
+        chart=CHART,
+        samples=samples,
+        per_class=per_class,
+        src=src,
+    )
+
+
+def _render(out: Path, result: dict[str, Any], **page: Any) -> Path:
+    """Render report.html into `out`/index.html; the score note follows the re-ranking."""
     score_note = "cosine similarity to the query"
     if result["rerank"] != "none":
         score_note = f"cosine similarity after re-ranking ({result['rerank']})"
-    page = (
+    html = (
         _environment()
         .get_template("report.html")
-        .render(
-            title=f"cbir evaluation: {result['method']}, rerank {result['rerank']}",
-            summary=_summary(result),
-            result=result,
-            chart=CHART,
-            samples=samples,
-            per_class=per_class,
-            score_note=score_note,
-            src=src,
-        )
+        .render(result=result, score_note=score_note, **page)
     )
     index = out / "index.html"
-    index.write_text(page, encoding="utf-8", errors="surrogateescape")
+    index.write_text(html, encoding="utf-8", errors="surrogateescape")
     return index
 
 
@@ -225,22 +230,12 @@ def _write_instance_report(
         for q, gone in queries:
             paths = [q["query"], *(r["path"] for r in q["top10"]), *(r["path"] for r in gone)]
             _thumbs(paths, out, src, max_pixels)
-    score_note = "cosine similarity to the query"
-    if result["rerank"] != "none":
-        score_note = f"cosine similarity after re-ranking ({result['rerank']})"
-    page = (
-        _environment()
-        .get_template("report.html")
-        .render(
-            title=f"cbir instance evaluation: {result['method']}, rerank {result['rerank']}",
-            summary=_instance_summary(result),
-            result=result,
-            instance=True,
-            groups=[g for g in groups if g[1]],
-            score_note=score_note,
-            src=src,
-        )
+    return _render(
+        out,
+        result,
+        title=f"cbir instance evaluation: {result['method']}, rerank {result['rerank']}",
+        summary=_instance_summary(result),
+        instance=True,
+        groups=[g for g in groups if g[1]],
+        src=src,
     )
-    index = out / "index.html"
-    index.write_text(page, encoding="utf-8", errors="surrogateescape")
-    return index
