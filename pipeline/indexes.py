@@ -22,7 +22,7 @@ import re
 import sys
 import threading
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -261,10 +261,14 @@ def build(
     return index
 
 
-def write_atomic(index: faiss.Index, path: Path) -> int:
+def write_atomic(
+    index: Any, path: Path, write: Callable[[Any, str], None] = faiss.write_index, what: str = ""
+) -> int:
     """Temporary file, fsync, rename, fsync of the folder: readers never see half an index.
 
-    On any failure (a full disk, say) the temporary file is removed.
+    `write` saves the object (an index by default; `faiss.write_VectorTransform` for a
+    whitening transform), `what` names it in errors. On any failure (a full disk, say)
+    the temporary file is removed.
     """
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -272,7 +276,7 @@ def write_atomic(index: faiss.Index, path: Path) -> int:
         raise CbirError(f"cannot create index folder {path.parent}: {e.strerror}") from None
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        faiss.write_index(index, str(tmp))
+        write(index, str(tmp))
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         faults.step(f"fsync {tmp.name}")
@@ -286,7 +290,8 @@ def write_atomic(index: faiss.Index, path: Path) -> int:
         else:
             reason = e.strerror
         raise CbirError(
-            f"could not write index {path.stem} in {path.parent} ({reason}); free space and rerun",
+            f"could not write {what or 'index ' + path.stem} in {path.parent} ({reason}); "
+            "free space and rerun",
             exit_code=1,
         ) from None
     vectors.fsync_dir(path.parent)

@@ -37,7 +37,7 @@ from typing import Any
 import faiss
 import numpy as np
 
-from pipeline import catalog, faults, metrics, vectors
+from pipeline import catalog, indexes, metrics, vectors
 from pipeline.config import Spec, check
 from pipeline.errors import CbirError
 
@@ -197,25 +197,13 @@ def read_transform(path: str, d_in: int) -> faiss.PCAMatrix:
 
 
 def write_transform(pca: faiss.PCAMatrix, path: str) -> None:
-    """Write the fitted transform: temporary file, fsync, rename."""
+    """Write the fitted transform atomically (as index files are written)."""
     target = Path(path)
-    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-    try:
-        faiss.write_VectorTransform(pca, str(tmp))
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        faults.step(f"fsync {tmp.name}")
-        os.replace(tmp, target)
-        faults.step(f"rename {target.name}")
-        # Temporaries of writes of this file that were killed before their rename.
-        for stale in target.parent.glob(f".{glob.escape(target.name)}.*.tmp"):
-            with contextlib.suppress(OSError):
-                stale.unlink()
-    except (OSError, RuntimeError) as e:
+    indexes.write_atomic(pca, target, faiss.write_VectorTransform, f"whitening file {target.name}")
+    # Temporaries of writes of this file that were killed before their rename.
+    for stale in target.parent.glob(f".{glob.escape(target.name)}.*.tmp"):
         with contextlib.suppress(OSError):
-            tmp.unlink()
-        why = getattr(e, "strerror", None) or "the folder is not writable or the disk is full"
-        raise CbirError(f"cannot write whitening file {path}: {why}", 1) from None
+            stale.unlink()
 
 
 def wrap(pca: faiss.PCAMatrix, inner: faiss.Index) -> faiss.IndexPreTransform:
