@@ -163,6 +163,20 @@ def assert_same(got: dict[str, tuple], want: dict[str, tuple], where: str) -> No
 # --- the CLI in-process, for tests ----------------------------------------------------------
 
 
+def run_child(args: list, env: dict[str, str] | None = None):
+    """`python tests/fakes.py ARGS` (cbir with the fake model) in a child process, with
+    extra environment (CBIR_CRASH_AFTER, ...); its CompletedProcess."""
+    import subprocess
+
+    return subprocess.run(
+        [sys.executable, str(Path(__file__).resolve()), *map(str, args)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **(env or {})},
+        timeout=120,
+    )
+
+
 def cli(*args):
     """`cbir ARGS` in this process (Click's runner); every argument is str()-ed."""
     from click.testing import CliRunner

@@ -11,10 +11,8 @@ run and a passing `verify`. The model is the deterministic fake of `fakes.py`.
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
-import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -22,21 +20,9 @@ import pytest
 from click.testing import CliRunner
 
 import fakes
-from fakes import assert_same, snapshot
+from fakes import assert_same, run_child, snapshot
 from pipeline import catalog, faults, indexes
 from pipeline.cli import main
-
-FAKES = str(Path(fakes.__file__).resolve())
-
-
-def run_child(args: list[str], env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, FAKES, *args],
-        capture_output=True,
-        text=True,
-        env={**os.environ, **(env or {})},
-        timeout=120,
-    )
 
 
 def copy_state(src: Path, dest: Path) -> None:

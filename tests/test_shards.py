@@ -10,7 +10,6 @@ verifies; a damaged .ivfdata and every bad option are one line.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -23,7 +22,7 @@ import pytest
 from PIL import Image
 
 import fakes
-from fakes import cli, ok, one_line_error, opts
+from fakes import cli, ok, one_line_error, opts, run_child
 from pipeline import api, bench_shards, catalog, collection, faults, growing, indexes
 from pipeline.errors import CbirError
 
@@ -384,16 +383,6 @@ def test_bad_engines_factories_and_api_values(state):
 
 
 # --- crashes ---------------------------------------------------------------------------------
-
-
-def run_child(args: list[str], env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, FAKES, *args],
-        capture_output=True,
-        text=True,
-        env={**os.environ, **(env or {})},
-        timeout=120,
-    )
 
 
 def crash_after_every_step(tmp_path: Path, base: Path, command: list[str], check) -> int:

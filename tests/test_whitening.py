@@ -11,10 +11,7 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import faiss
@@ -355,15 +352,11 @@ def test_crash_at_every_step_of_a_whitened_build(state, tmp_path):
     """A whitened rebuild (and its --save-whitening file) killed after each write step
     leaves the old index or the new one, both searchable and verified, and no temporaries."""
     ok(cli("build-index", "w", "--whiten", "--whiten-dim", 16, *opts(state)), "first build")
-    fakes_py = str(Path(fakes.__file__).resolve())
 
-    def child(where: Path, env: dict[str, str]) -> subprocess.CompletedProcess:
+    def child(where: Path, env: dict[str, str]):
         args = ["build-index", "w", "--whiten", "--whiten-dim", 16, "--shrinkage", 0.75,
                 "--save-whitening", where / "w.pca", *opts(where)]  # fmt: skip
-        return subprocess.run(
-            [sys.executable, fakes_py, *map(str, args)],
-            capture_output=True, text=True, env={**os.environ, **env}, timeout=120,
-        )  # fmt: skip
+        return fakes.run_child(args, env)
 
     log = tmp_path / "steps.log"
     clean = tmp_path / "clean"
