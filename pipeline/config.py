@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pipeline import files
 from pipeline.errors import CbirError
 
 
@@ -230,6 +231,29 @@ OPTIONS: dict[str, Spec] = {
 }
 
 
+# Integer variables that are not settings, each read where it acts (embed_openvino, faults)
+# and checked when a command starts (cli_options.check_environment): one line, no work done.
+ENV_INTS: dict[str, Spec] = {
+    "CBIR_THREADS": Spec("int", 1, 4096),  # the model's threads (a Ray actor's CPUs)
+    "CBIR_CRASH_AFTER": Spec("int", 1),  # crash injection for tests (faults.py)
+}
+
+
+def env_int(var: str) -> int | None:
+    """The value of an ENV_INTS variable: None when unset or blank, else checked (CbirError)."""
+    text = os.environ.get(var, "").strip()
+    if not text:
+        return None
+    spec = ENV_INTS[var]
+    try:
+        value: int | None = int(text)
+    except ValueError:
+        value = None
+    if value is None or not _in_range(value, spec):
+        raise CbirError(f"{var} must be {spec.allowed()}, got {_shown(text)}")
+    return value
+
+
 def rotation_angles(value: str) -> tuple[int, ...]:
     """The angles of a `rotations` setting: "0,90,180,270" -> (0, 90, 180, 270)."""
     check("rotations", value)
@@ -344,13 +368,17 @@ def read_toml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     try:
         # utf-8-sig: a byte-order mark, as some Windows editors write, is not TOML.
-        data = tomllib.loads(path.read_bytes().decode("utf-8-sig"))
+        # A FIFO, a device or a huge file is refused before it is read (files.py).
+        text = files.read_regular(path, "config", files.CONFIG_MAX).decode("utf-8-sig")
+        data = tomllib.loads(text)
     except FileNotFoundError:
         raise CbirError(f"config file not found: {path}") from None
     except UnicodeDecodeError as e:
         raise CbirError(f"config file {path} is not UTF-8 text (byte {e.start})") from None
     except tomllib.TOMLDecodeError as e:
         raise CbirError(f"config file {path} is not valid TOML: {e}") from None
+    except RecursionError:  # tomllib recurses per level of nested arrays and tables
+        raise CbirError(f"config file {path} nests arrays or tables too deeply") from None
     except OSError as e:
         raise CbirError(f"cannot read config file {path}: {e.strerror}") from None
     unknown = sorted(set(data) - set(DEFAULTS) - {"roots"})

@@ -1,8 +1,10 @@
 """Turning an image file into the 224x224 RGB pixels the model sees.
 
 Steps: read the header and refuse oversized images before decoding (or
-hashing), hash the bytes, apply EXIF orientation, convert any mode to RGB, resize the shorter
-side to 224, centre-crop 224x224. Every failure becomes a `DecodeError` with a
+hashing): too many pixels in the file, or after the resize to the model's
+input (a thin image is upscaled), or too thin a strip; hash the bytes, apply
+EXIF orientation, convert any mode to RGB, resize the shorter side to 224,
+centre-crop 224x224. Every failure becomes a `DecodeError` with a
 short reason; nothing here raises anything else for a bad file.
 """
 
@@ -20,6 +22,8 @@ from typing import BinaryIO
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from pipeline import files
+
 SIZE = 224
 PREPROCESSING = "exif-transpose,rgb-on-white,shorter-side-224-bilinear,center-crop-224"
 
@@ -33,6 +37,12 @@ ROTATE = {
 # We check the pixel count ourselves, against a configurable limit, before any
 # pixel is decoded; Pillow's global guard would fire at a fixed size instead.
 Image.MAX_IMAGE_PIXELS = None
+# The longest side may be at most this many times the shorter one. The shorter side is
+# resized to the model's input, so a 1x20000 strip of 165 bytes would become 224x4.5M
+# pixels (3 GB); those are counted against max_pixels too, but what is this thin is no
+# photograph (a line or a strip): refused in one line. 50:1 keeps every panorama (phone
+# panoramas are up to ~1:8, web banners 1:11) with room.
+MAX_ASPECT_RATIO = 50
 
 
 class DecodeError(Exception):
@@ -74,14 +84,19 @@ def _to_rgb(im: Image.Image) -> Image.Image:
     return im.convert("RGB")
 
 
+def resized(width: int, height: int, size: int = SIZE) -> tuple[int, int]:
+    """The size of an image after `resize_and_crop` resizes its shorter side to `size`
+    (before the crop): what the resize allocates, up or down."""
+    scale = size / min(width, height)
+    return max(size, round(width * scale)), max(size, round(height * scale))
+
+
 def resize_and_crop(im: Image.Image, size: int = SIZE, crop: bool = True) -> Image.Image:
     """Resize so the shorter side is `size`; then the central size x size square (crop), or
     the whole image with its longer side cut, centred, to MAX_ASPECT x size (no crop)."""
     from pipeline.descriptor import MAX_ASPECT
 
-    w, h = im.size
-    scale = size / min(w, h)
-    new_w, new_h = max(size, round(w * scale)), max(size, round(h * scale))
+    new_w, new_h = resized(*im.size, size)
     im = im.resize((new_w, new_h), Image.BILINEAR)
     cut_w, cut_h = (size, size) if crop else (
         min(new_w, int(MAX_ASPECT * size)), min(new_h, int(MAX_ASPECT * size)),
@@ -90,10 +105,9 @@ def resize_and_crop(im: Image.Image, size: int = SIZE, crop: bool = True) -> Ima
     return im.crop((left, top, left + cut_w, top + cut_h))
 
 
-def _open(fp: BinaryIO, max_pixels: int) -> Image.Image:
-    """Read only the header: identify the format and refuse too many pixels before decoding."""
-    im = Image.open(fp)
-    width, height = im.size
+def check_shape(width: int, height: int, max_pixels: int, size: int = SIZE) -> None:
+    """Refuse (DecodeError) an image too large or too thin to decode to `size`, from its
+    header: the file's pixels, the aspect ratio, and the pixels after the resize."""
     if width * height > max_pixels:
         raise DecodeError(
             f"image is {width}x{height} = {width * height:,} pixels, over the limit of "
@@ -101,6 +115,23 @@ def _open(fp: BinaryIO, max_pixels: int) -> Image.Image:
         )
     if width < 1 or height < 1:
         raise DecodeError(f"image has no pixels ({width}x{height})")
+    if max(width, height) > MAX_ASPECT_RATIO * min(width, height):
+        raise DecodeError(
+            f"image is {width}x{height}, thinner than the limit of {MAX_ASPECT_RATIO}:1 "
+            "(a strip or a line, not a photograph)"
+        )
+    new_w, new_h = resized(width, height, size)
+    if new_w * new_h > max_pixels:
+        raise DecodeError(
+            f"image is {width}x{height}, {new_w}x{new_h} = {new_w * new_h:,} pixels once its "
+            f"shorter side is resized to {size}, over the limit of {max_pixels:,} (max_pixels)"
+        )
+
+
+def _open(fp: BinaryIO, max_pixels: int, size: int) -> Image.Image:
+    """Read only the header: identify the format and refuse what `check_shape` refuses."""
+    im = Image.open(fp)
+    check_shape(*im.size, max_pixels, size)
     return im
 
 
@@ -160,7 +191,7 @@ def decode_bytes(
     if not data:
         raise DecodeError("empty file (0 bytes)")
     with _pillow_errors():
-        im = _open(io.BytesIO(data), max_pixels)
+        im = _open(io.BytesIO(data), max_pixels, size)
         width, height = im.size
         pixels = _pixels(im, rotate, size, crop)
     return Decoded(pixels, hashlib.sha256(data).hexdigest(), width, height)
@@ -171,25 +202,34 @@ def decode_file(
 ) -> Decoded:
     """Read and decode one file, or raise DecodeError; `rotate` as in `decode_bytes`.
 
-    The header is checked first (format, pixel count), so a huge file that is
-    no image, or too large an image, is refused after reading a few KB; the
-    hash is then streamed and Pillow reads only what it decodes.
+    Only a regular file is read (a FIFO or a device is refused without waiting on
+    it). The header is checked first (format, pixel counts, aspect ratio), so a
+    huge file that is no image, or too large an image, is refused after reading a
+    few KB; then the file's size (`files.image_max_bytes(max_pixels)`), so no more
+    is hashed than an image of max_pixels can need. The hash is streamed and
+    Pillow reads only what it decodes.
     """
     _rotation(rotate)
     try:
-        with open(path, "rb") as f:
-            if os.fstat(f.fileno()).st_size == 0:
+        with files.open_regular(path, "image", None) as f:
+            file_size = os.fstat(f.fileno()).st_size
+            if file_size == 0:
                 raise DecodeError("empty file (0 bytes)")
             with _pillow_errors():
-                im = _open(f, max_pixels)
+                im = _open(f, max_pixels, size)
                 width, height = im.size
+            limit = files.image_max_bytes(max_pixels)
+            files.check_size(file_size, path, "image", limit)
             digest = hashlib.sha256()
             f.seek(0)
-            while chunk := f.read(1 << 20):
-                digest.update(chunk)
+            while chunk := f.read(min(1 << 20, limit + 1 - f.tell())):
+                digest.update(chunk)  # at most limit + 1 bytes, if the file grows meanwhile
+            files.check_size(f.tell(), path, "image", limit)
             f.seek(0)
             with _pillow_errors():
                 pixels = _pixels(im, rotate, size, crop)
+    except files.UnusableFile as e:
+        raise DecodeError(e.reason) from None
     except OSError as e:  # reading failed (Pillow's own OSErrors are DecodeErrors by now)
         raise _read_error(e) from None
     return Decoded(pixels, digest.hexdigest(), width, height)

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import io
+from typing import BinaryIO
 
 from PIL import Image, ImageDraw, ImageOps
 
+from pipeline import files
 from pipeline.decode import DecodeError
 
 THUMB_SIZE = 256
@@ -16,8 +18,14 @@ def thumbnail_bytes(data_or_path: bytes | str, max_pixels: int, size: int = THUM
 
     Raises DecodeError over `max_pixels`; Pillow's own errors for unreadable files.
     """
-    src = io.BytesIO(data_or_path) if isinstance(data_or_path, bytes) else data_or_path
-    with Image.open(src) as im:
+    if isinstance(data_or_path, bytes):
+        src: BinaryIO = io.BytesIO(data_or_path)
+    else:  # a FIFO or a device is refused, not waited on or read without end
+        try:
+            src = files.open_regular(data_or_path, "image", files.image_max_bytes(max_pixels))
+        except files.UnusableFile as e:
+            raise DecodeError(e.reason) from None
+    with src, Image.open(src) as im:
         if im.size[0] * im.size[1] > max_pixels:
             raise DecodeError("image is over the max_pixels limit")
         im.draft("RGB", (size, size))  # fast JPEG downscale; no-op otherwise

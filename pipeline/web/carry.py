@@ -7,7 +7,8 @@ fields, the 224x224 pixels the model saw, as a lossless PNG (at most about
 Sent back, the PNG is an upload like any other: `api.search_in` decodes it to
 the very same pixels (a 224x224 image is neither resized nor cropped), so
 every round embeds exactly the query of the first. A client that edits the
-fields only searches with another image, as it could by uploading one.
+fields only searches with another image, as it could by uploading one; a PNG
+of a shape no page sends (a thin strip that decoding would upscale) is a 400.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from PIL import Image
 
 from pipeline import api, thumbs
 from pipeline.decode import DecodeError, decode_bytes
+from pipeline.descriptor import MAX_ASPECT, SIZE_RANGE
 from pipeline.web.failures import BadRequest
 
 # Base64 characters: a 224x224 RGB PNG is at most ~151 KB (~201 KB encoded);
@@ -74,11 +76,25 @@ def from_form(form: Mapping[str, Any]) -> CarriedQuery | None:
     if not _BASE64.match(png) or not _BASE64.match(thumb):
         raise BadRequest("the carried query image is not base64")
     try:
-        base64.b64decode(png, validate=True)
+        _check_shape(base64.b64decode(png, validate=True))
     except binascii.Error:
         raise BadRequest("the carried query image is not base64") from None
     name = os.path.basename(str(form.get("query_name") or "query"))[:255] or "query"
     return CarriedQuery(name, png, thumb)
+
+
+def _check_shape(data: bytes) -> None:
+    """Refuse (400), from its header alone, a carried image that no results page sends: a
+    page carries a PNG whose shorter side is the model's input size and whose longer side
+    is at most MAX_ASPECT times that. A thin one would be upscaled to gigabytes."""
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            fmt, (w, h) = im.format, im.size
+    except Exception:  # any header Pillow cannot read
+        raise BadRequest("the carried query image is not a PNG") from None
+    lo, hi = SIZE_RANGE
+    if fmt != "PNG" or not lo <= min(w, h) <= hi or max(w, h) > MAX_ASPECT * min(w, h):
+        raise BadRequest(f"the carried query image ({w}x{h}) is not one a results page sends")
 
 
 def _b64(data: bytes) -> str:

@@ -13,10 +13,12 @@ import os
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, BinaryIO
 
 from PIL import Image
 
+from pipeline import files
+from pipeline.decode import SIZE, resized
 from pipeline.thumbs import THUMB_SIZE
 
 # Decoded pixels in flight at once: two images at the default max_pixels, about
@@ -87,20 +89,29 @@ class DecodeSlots:
                 _TRIM(0)
 
 
-def decode_cost(src: bytes | str) -> int:
+def decode_cost(src: bytes | str, size: int = SIZE) -> int:
     """Pixels Pillow will hold to decode `src` (bytes or a path), read from its header.
 
+    The file's pixels or, for a thin image, its pixels once the shorter side is
+    resized to `size` (the model's input; `decode.resized`), whichever is more.
     JPEG decodes at 1/2, 1/4 or 1/8 scale (draft), as decode_bytes and
     thumbnail_bytes ask, so a huge JPEG costs little. 0 for what cannot be
-    opened: decoding fails before any pixel is made.
+    opened (or is not a regular file): decoding fails before any pixel is made.
     """
     try:
-        with Image.open(io.BytesIO(src) if isinstance(src, bytes) else src) as im:
+        if isinstance(src, bytes):
+            fp: BinaryIO = io.BytesIO(src)
+        else:  # a thumbnail's source: never wait on a FIFO here
+            fp = files.open_regular(src, "image", files.image_max_bytes(PIXEL_BUDGET))
+        with fp, Image.open(fp) as im:
             w, h = im.size
-            if im.format == "JPEG" and min(w, h) > 0:
+            if min(w, h) < 1:
+                return 0
+            new_w, new_h = resized(w, h, size)
+            if im.format == "JPEG":
                 scale = THUMB_SIZE / min(w, h)
                 im.draft("RGB", (int(w * scale) + 1, int(h * scale) + 1))
                 w, h = im.size
-            return w * h
+            return max(w * h, new_w * new_h)
     except Exception:  # any header Pillow cannot read: decode_bytes says why
         return 0
