@@ -86,11 +86,13 @@ def load_embedder(
     pooling: str = "avg",
     runtime: str = "keras",
     precision: str = "fp32",
-    calibration_paths: tuple[str, ...] = (),
+    calibration_paths: Any = (),
     descriptor: Descriptor | None = None,
 ) -> Embedder:
     """The embedder of `runtime` ("keras" or "openvino") at `precision` for these weights,
-    making `descriptor`'s vectors (default: the classic 224 crop with `pooling`)."""
+    making `descriptor`'s vectors (default: the classic 224 crop with `pooling`).
+
+    `calibration_paths` (int8): image paths, or an `embed_openvino.Calibration`."""
     if pooling not in POOLINGS:
         raise CbirError(f"unknown pooling {pooling!r}: use {', '.join(POOLINGS)}")
     descriptor = descriptor or Descriptor(pooling=pooling)
@@ -108,7 +110,7 @@ def load_embedder(
             batch_size,
             descriptor.pooling,
             precision,
-            list(calibration_paths) or None,
+            calibration_paths or None,
             descriptor=descriptor,
         )
     raise CbirError(f"unknown runtime {runtime!r}: use keras or openvino")

@@ -10,11 +10,11 @@ import hashlib
 import os
 import sys
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from pipeline import files
 from pipeline.decode import PREPROCESSING
 from pipeline.descriptor import Descriptor
 from pipeline.embed import DIM, GEM_P, KERAS_FP32, MapsEmbedder, gem, l2_normalize, preprocess
@@ -76,9 +76,9 @@ def _build_resnet50(weights: str, pooling: str = "avg", any_size: bool = False):
 
     any_size: inputs of any height and width, feature maps out (a `Descriptor` pools them).
     """
+    if weights != "imagenet":  # a FIFO or a device is refused, not waited on
+        files.require_regular(weights, "weights", files.WEIGHTS_MAX)
     keras = import_keras()
-    if weights != "imagenet" and not Path(weights).is_file():
-        raise CbirError(f"weights file not found: {weights}")
     try:
         return keras.applications.ResNet50(
             weights=weights,

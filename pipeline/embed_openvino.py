@@ -9,9 +9,15 @@ numpy from the 7x7 maps with `embed.gem`, exactly as `embed_keras` does.
 int8 is NNCF post-training quantisation on caller-chosen calibration images.
 
 The converted model goes into the model cache (`modelcache`); when its entry
-is present, building an embedder imports neither TensorFlow nor NNCF, and
-OpenVINO's own compiled-model cache (CACHE_DIR, beside it) skips most of the
-compilation too.
+is present, building an embedder imports neither TensorFlow nor NNCF. An int8
+model is also kept beside its catalog (`keep`, in the catalog's own
+`ModelCache`) and loaded from there first, so a catalog never needs its
+calibration images again, nor the same NNCF or OpenVINO version.
+
+OpenVINO's own compiled-blob cache (CACHE_DIR) is not used: measured here it
+saved 0.04-0.21 s per load (compile 0.12-0.42 s) for a 24-94 MB blob per model
+and setting that nothing checked, and a damaged blob gave wrong vectors. Every
+file a model is loaded from is in a checksummed entry.
 """
 
 from __future__ import annotations
@@ -19,9 +25,11 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import io
+import json
 import logging
 import math
 import os
+import shutil
 import threading
 import time
 import warnings
@@ -32,12 +40,13 @@ from typing import Any
 
 import numpy as np
 
-from pipeline import cpu
+from pipeline import cpu, files
+from pipeline.config import env_int
 from pipeline.decode import PREPROCESSING
 from pipeline.descriptor import Descriptor
 from pipeline.embed import _BGR_MEAN, DIM, MapsEmbedder, gem, l2_normalize
 from pipeline.errors import CbirError
-from pipeline.modelcache import ModelCache, file_sha256
+from pipeline.modelcache import MANIFEST, Entry, ModelCache, file_sha256, make_key
 
 log = logging.getLogger("cbir")
 
@@ -124,18 +133,47 @@ def weights_id(weights: str) -> str:
     """
     if weights == "imagenet":
         return "imagenet"  # Keras' published file, checked against its hash on download
-    if not Path(weights).is_file():
-        raise CbirError(f"weights file not found: {weights}")
+    files.require_regular(weights, "weights", files.WEIGHTS_MAX)  # no FIFO, no device
     return "sha256:" + file_sha256(Path(weights))
 
 
 def calibration_id(paths: list[str]) -> str:
     """sha256 of the sorted sha256s of the calibration files' contents (order and place free)."""
     try:
-        digests = sorted(file_sha256(Path(p)) for p in paths)
+        digests = [file_sha256(Path(p)) for p in paths]
     except OSError as e:
         raise CbirError(f"cannot read calibration image {e.filename}: {e.strerror}") from None
-    return hashlib.sha256("\n".join(digests).encode()).hexdigest()
+    return digests_id(digests)
+
+
+def digests_id(digests: list[str]) -> str:
+    """The calibration id of files with these sha256s (`calibration_id` without reading them)."""
+    return hashlib.sha256("\n".join(sorted(digests)).encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """What an int8 model is quantised on, and where a copy of the model is kept.
+
+    `id` (`calibration_id` of the images) names the model in every cache key, so a
+    catalog's recorded id finds its model without reading an image. `paths` are
+    the images to quantise on should the model have to be built (checked against
+    `id` first); `kept` is the catalog's own model folder (`keep`), tried first.
+    Hashable: it is an argument of `api.cached_embedder`.
+    """
+
+    id: str
+    paths: tuple[str, ...] = ()
+    kept: str | None = None
+
+    @classmethod
+    def of(cls, paths: list[str] | tuple[str, ...], kept: str | None = None) -> Calibration:
+        """The calibration of these image files (reads each once for its id)."""
+        return cls(calibration_id(list(paths)), tuple(paths), kept)
+
+
+class CalibrationGone(CbirError):
+    """An int8 model that is in no cache and whose calibration images are gone or changed."""
 
 
 def choose_calibration(paths: list[str], n: int = CALIBRATION_SIZE, seed: int = 0) -> list[str]:
@@ -169,8 +207,8 @@ def cache_parts(
     if precision == "int8":
         try:  # another NNCF may quantise differently
             parts["nncf"] = metadata.version("nncf")
-        except metadata.PackageNotFoundError:
-            raise CbirError("int8 needs NNCF: pip install -e '.[openvino]'") from None
+        except metadata.PackageNotFoundError:  # a kept model loads without it; _quantize says
+            parts["nncf"] = None
     return parts
 
 
@@ -193,6 +231,32 @@ def _with_preprocessing(model: Any) -> Any:
     return ppp.build()
 
 
+def _check_images(calibration: Calibration) -> list[str]:
+    """The calibration's image files, once their contents are checked against its id."""
+    hint = (
+        "put them back, or pass --calibration DIR (a folder holding them, or other images: "
+        "those make a slightly different model, which indexing accepts with --allow-mixed)"
+    )
+    if not calibration.paths:
+        raise CalibrationGone(
+            f"the int8 model of calibration {calibration.id[:12]} is in no model cache and its "
+            f"calibration images are not recorded: pass --calibration DIR"
+        )
+    try:
+        digests = [file_sha256(Path(p)) for p in calibration.paths]
+    except OSError as e:
+        raise CalibrationGone(
+            f"cannot rebuild the int8 model: calibration image {e.filename} is unreadable "
+            f"({e.strerror}; {len(calibration.paths)} recorded); {hint}"
+        ) from None
+    if digests_id(digests) != calibration.id:
+        raise CalibrationGone(
+            f"cannot rebuild the int8 model: its {len(calibration.paths)} calibration images "
+            f"have changed since it was made; {hint}"
+        )
+    return list(calibration.paths)
+
+
 def _calibration_pixels(paths: list[str]) -> list[np.ndarray]:
     """Decoded calibration images, one (1, 224, 224, 3) uint8 batch each; undecodable ones skipped."""
     from pipeline.config import Settings
@@ -210,7 +274,11 @@ def _calibration_pixels(paths: list[str]) -> list[np.ndarray]:
 
 
 def _quantize(model: Any, paths: list[str]) -> tuple[Any, int]:
-    """(NNCF post-training int8 model, images used); its progress bars kept off the terminal."""
+    """(NNCF post-training int8 model, images used); its progress bars kept off the terminal.
+
+    NNCF measured deterministic: the same images in the same order give the same
+    model.bin, byte for byte (model.xml differs only in generated node names).
+    """
     try:
         import nncf
     except ImportError:
@@ -227,7 +295,7 @@ def _convert(
     weights: str,
     pooling: str,
     precision: str,
-    calibration_paths: list[str] | None,
+    calibration: Calibration | None,
     any_size: bool = False,
 ) -> dict[str, Any]:
     """Build the Keras model, convert (and quantise) it, save it into `folder`; return the metadata.
@@ -237,6 +305,8 @@ def _convert(
     from pipeline import embed_keras
 
     ov = import_openvino()
+    # Checked before the (slow) conversion: missing or changed images fail at once.
+    paths = _check_images(calibration) if precision == "int8" and calibration else []
     log.info("converting ResNet50 to OpenVINO %s, once (cached in %s)", precision, folder.parent)
     started = time.perf_counter()
     if any_size:
@@ -254,10 +324,107 @@ def _convert(
     }
     if precision == "int8":
         started = time.perf_counter()
-        model, meta["calibration_images"] = _quantize(model, calibration_paths or [])
+        model, meta["calibration_images"] = _quantize(model, paths)
         meta["quantization_seconds"] = round(time.perf_counter() - started, 2)
     ov.save_model(model, str(folder / MODEL_FILE), compress_to_fp16=False)
     return meta
+
+
+# What a kept model's key leaves out: an IR file is read by later runtimes, and
+# the kept model is the one the catalog's vectors came from, whatever NNCF does now.
+_VERSIONS = ("runtime_version", "nncf")
+
+
+def _parts(
+    weights: str, d: Descriptor, precision: str, calibration: Calibration | None
+) -> tuple[dict[str, Any], bool]:
+    """(model cache parts, fast path?) for these weights, descriptor and precision."""
+    fast = d.classic and d.pooling in ("avg", "gem")
+    parts = cache_parts(
+        weights, d.pooling if fast else "maps", precision, calibration.id if calibration else None
+    )
+    if not fast:
+        parts["input"] = "any-size"
+    return parts, fast
+
+
+def kept_parts(parts: dict[str, Any]) -> dict[str, Any]:
+    """The parts of a model kept beside a catalog: the cache's, runtime versions left out."""
+    return {k: v for k, v in parts.items() if k not in _VERSIONS}
+
+
+def _as_calibration(
+    calibration: Calibration | list[str] | tuple[str, ...] | None,
+) -> Calibration | None:
+    """A `Calibration` as given, or that of these image paths (None without any)."""
+    if isinstance(calibration, Calibration) or not calibration:
+        return calibration or None
+    return Calibration.of(calibration)
+
+
+def _entry(
+    weights: str,
+    d: Descriptor,
+    precision: str,
+    calibration: Calibration | None,
+    cache_dir: str | None,
+) -> tuple[Entry, bool]:
+    """(the verified cache entry to load, fast path?): the catalog's kept int8 model if
+    it is intact, else the model cache's, converted (and quantised) if missing."""
+    parts, fast = _parts(weights, d, precision, calibration)
+    if calibration is not None and calibration.kept:
+        kept = ModelCache(calibration.kept)
+        entry = kept.load(kept_parts(parts))
+        if entry is not None:
+            return entry, fast
+        if kept.path(make_key(kept_parts(parts))).exists():
+            log.warning(
+                "the int8 model kept in %s is damaged; using the model cache", calibration.kept
+            )
+    entry = ModelCache(cache_dir).get_or_build(
+        parts,
+        lambda folder: _convert(folder, weights, d.pooling, precision, calibration, not fast),
+    )
+    return entry, fast
+
+
+def keep(
+    folder: str | Path,
+    weights: str,
+    precision: str,
+    calibration: Calibration,
+    descriptor: Descriptor,
+    cache_dir: str | None = None,
+) -> bool:
+    """Keep a copy of this int8 model in `folder` (beside its catalog), if it has none yet.
+
+    Written as a model cache entry (temporary folder, fsync, rename, checksums), so
+    the catalog can rebuild nothing and still load its model when the calibration
+    images, the model cache or this NNCF are gone. True if a copy was written.
+    """
+    parts, _ = _parts(str(weights), descriptor, precision, calibration)
+    kept = ModelCache(folder)
+    if kept.load(kept_parts(parts)) is not None:
+        return False
+    source = ModelCache(cache_dir).load(parts)
+    if source is None:
+        return False  # loaded from a damaged kept copy's fallback: kept next time
+
+    def copy(dest: Path) -> dict[str, Any]:
+        manifest = json.loads((source.path / MANIFEST).read_text())
+        for name, want in manifest["files"].items():
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(source.path / name, dest / name)
+            if file_sha256(dest / name) != want["sha256"]:  # changed while being copied
+                raise CbirError(f"model cache entry {source.path} changed while being copied")
+        return source.meta
+
+    try:
+        kept.get_or_build(kept_parts(parts), copy)
+    except (CbirError, OSError) as e:  # the model still runs from the cache: a notice
+        log.warning("could not keep the int8 model in %s: %s", folder, e)
+        return False
+    return True
 
 
 def load(
@@ -265,20 +432,20 @@ def load(
     batch_size: int = 32,
     pooling: str = "avg",
     precision: str = "fp32",
-    calibration_paths: list[str] | None = None,
+    calibration_paths: Calibration | list[str] | None = None,
     cache_dir: str | None = None,
     descriptor: Descriptor | None = None,
 ) -> OpenVINOEmbedder | MapsEmbedder:
     """An OpenVINO embedder for these weights; converted on first use, then from the cache.
 
-    int8 needs `calibration_paths` (e.g. `choose_calibration(collection paths)`):
-    their contents identify the quantised model, so pass the same ones each time.
+    int8 needs its calibration: image paths (e.g. `choose_calibration(collection
+    paths)`), whose contents identify the quantised model, or a `Calibration`
+    (a catalog's recorded id, its images and its kept model).
     A `descriptor` other than the classic crop (whole images, scales, R-MAC) gets a
     model of any input size with feature maps out, pooled by `descriptor.describe`.
     """
     d = descriptor or Descriptor(pooling=pooling)
     pooling = d.pooling
-    fast = d.classic and pooling in ("avg", "gem")
     from pipeline.config import POOLINGS
 
     if pooling not in POOLINGS:
@@ -294,34 +461,23 @@ def load(
     if precision == "int8" and not calibration_paths:
         raise CbirError("int8 needs calibration images (a few hundred from the collection)")
     weights = str(weights)
-    calibration = calibration_id(calibration_paths) if precision == "int8" else None
-    cache = ModelCache(cache_dir)
-    parts = cache_parts(weights, pooling if fast else "maps", precision, calibration)
-    if not fast:
-        parts["input"] = "any-size"
-    entry = cache.get_or_build(
-        parts,
-        lambda folder: _convert(
-            folder, weights, pooling, precision, calibration_paths, any_size=not fast
-        ),
-    )
+    cal = _as_calibration(calibration_paths) if precision == "int8" else None
+    entry, fast = _entry(weights, d, precision, cal, cache_dir)
     config = {
         # A batch of 1 is someone waiting for one answer (the server): all cores on one
         # image halves its latency. Otherwise one stream per core or two, kept busy.
         # Inputs of many sizes run one call at a time: LATENCY, all cores on each.
         "PERFORMANCE_HINT": "LATENCY" if batch_size == 1 or not fast else "THROUGHPUT",
         "INFERENCE_PRECISION_HINT": INFERENCE_PRECISION[precision],
-        "CACHE_DIR": str(cache.root / "openvino"),
     }
-    if threads := os.environ.get("CBIR_THREADS", "").strip():
+    if threads := env_int("CBIR_THREADS"):  # checked: a whole number from 1
         # A Ray actor granted N CPUs: N threads, not every core of the node; and no
         # pinning, or every 1-thread actor on a node pins itself to the same core 0
         # (measured: two such processes ran 53 img/s each, together what one ran alone).
         config["INFERENCE_NUM_THREADS"] = max(1, int(threads))
         config["ENABLE_CPU_PINNING"] = False
     try:
-        # Compiled from the model object, not the path: OpenVINO then keys its own
-        # cache on the model's contents, not on the file's path, size and mtime.
+        # From the model object read out of the verified entry; no CACHE_DIR (see above).
         core = ov.Core()
         compiled = core.compile_model(core.read_model(entry.path / MODEL_FILE), "CPU", config)
     except RuntimeError as e:
@@ -331,7 +487,7 @@ def load(
         "runtime": "openvino",
         "version": ov.__version__,
         "precision": precision,
-        "calibration": calibration,
+        "calibration": cal.id if cal else None,
     }
     source = "imagenet" if weights == "imagenet" else os.path.abspath(weights)
     # The cached model serves every descriptor of its kind: its stored fingerprint's

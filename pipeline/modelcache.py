@@ -10,9 +10,11 @@ else `~/.cache/cbir`):
 
 The key is a hash of everything that determines the files (weights digest,
 pooling, precision, runtime and version, calibration id); manifest.json
-repeats those parts and records the size and sha256 of every file, so a
-truncated, altered or mismatched entry is detected, removed and rebuilt
-rather than trusted. Builds go into a temporary folder in the same file
+repeats those parts, records the size and sha256 of every file and the
+sha256 of its own other fields, so a truncated, altered or mismatched entry
+(manifest included) is detected, removed and rebuilt rather than trusted.
+Nothing outside `<key>/` is loaded: OpenVINO's own compiled-blob cache is not
+used (see `embed_openvino`). Builds go into a temporary folder in the same file
 system, are fsync'd and then renamed into place in one step, so a reader
 sees a complete entry or none. Two processes building the same entry
 serialise on the key's lock; where locks do not work (no fcntl), the rename
@@ -34,6 +36,9 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from pipeline import faults
+from pipeline.errors import CbirError
 
 try:
     import fcntl
@@ -59,6 +64,13 @@ def make_key(parts: dict[str, Any]) -> str:
     """A folder name for these parts: 32 hex digits of the sha256 of their canonical JSON."""
     text = json.dumps({"format": FORMAT, **parts}, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+
+def _manifest_sha256(manifest: dict[str, Any]) -> str:
+    """The digest a manifest records of its own other fields (a flipped bit in it is caught)."""
+    rest = {k: v for k, v in manifest.items() if k != "sha256"}
+    text = json.dumps(rest, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def file_sha256(path: Path) -> str:
@@ -102,9 +114,28 @@ class ModelCache:
 
     def __init__(self, root: str | os.PathLike[str] | None = None):
         self.root = Path(root).expanduser() if root else default_root()
+        # How errors name it: CBIR_CACHE's folder, or a catalog's kept models.
+        self.named = root is None and bool(os.environ.get(ENV))
 
     def path(self, key: str) -> Path:
         return self.root / key
+
+    def _prepare(self) -> None:
+        """Make sure the cache folder exists and is writable, or say so in one line."""
+        where = f"model cache {self.root}" + (" (CBIR_CACHE)" if self.named else "")
+        if self.root.exists() and not self.root.is_dir():
+            raise CbirError(f"{where} is not a folder: set CBIR_CACHE to a folder")
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise CbirError(
+                f"cannot create {where}: {e.strerror}; set CBIR_CACHE to a writable folder"
+            ) from None
+        if not os.access(self.root, os.W_OK | os.X_OK):
+            raise CbirError(
+                f"{where} is not writable, and the model it needs is missing or damaged there: "
+                "set CBIR_CACHE to a writable folder"
+            )
 
     def load(self, parts: dict[str, Any]) -> Entry | None:
         """The verified entry for these parts, or None (absent, incomplete or damaged)."""
@@ -124,7 +155,7 @@ class ModelCache:
         entry, _ = self._verify(key, parts)  # the common case: no lock, no writes
         if entry:
             return entry
-        self.root.mkdir(parents=True, exist_ok=True)
+        self._prepare()
         with self._locked(key):
             # Checked again under the lock: another process may have just built it.
             entry, problem = self._verify(key, parts)
@@ -144,6 +175,8 @@ class ModelCache:
         try:
             manifest = json.loads((folder / MANIFEST).read_text())
             files = manifest["files"]
+            if manifest.get("sha256") != _manifest_sha256(manifest):
+                return None, f"damaged ({MANIFEST} does not match its checksum)"
             if manifest.get("key") != key or manifest.get("parts") != parts:
                 return None, "for other parts (key mismatch)"
             if sorted(files) != _files(folder):
@@ -158,25 +191,54 @@ class ModelCache:
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
             return None, f"unreadable ({type(e).__name__}: {e})"
 
+    def problems(self) -> list[str]:
+        """What is wrong with each entry under the root, as "KEY: problem" (for `verify`);
+        builders' leftovers (dot folders) and lock files are not entries."""
+        if not self.root.is_dir():
+            return []
+        out = []
+        for folder in sorted(p for p in self.root.iterdir() if p.is_dir()):
+            if folder.name.startswith("."):
+                continue
+            try:  # the parts as the manifest states them; _verify checks the manifest itself
+                parts = json.loads((folder / MANIFEST).read_text())["parts"]
+            except (OSError, ValueError, KeyError, TypeError):
+                parts = None
+            entry, problem = self._verify(folder.name, parts)
+            if entry is None:
+                out.append(f"{folder.name}: {problem}")
+        return out
+
     def _build(
         self, key: str, parts: dict[str, Any], build: Callable[[Path], dict[str, Any] | None]
     ) -> Entry:
-        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{key}-", dir=self.root))
+        try:
+            tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{key}-", dir=self.root))
+        except OSError as e:
+            raise CbirError(
+                f"cannot write in model cache {self.root}: {e.strerror}; "
+                "set CBIR_CACHE to a writable folder"
+            ) from None
         try:
             meta = build(tmp) or {}
             files = {}
             for name in _files(tmp):
                 path = tmp / name
                 _fsync(path)
+                faults.step(f"fsync model file {name}")
                 files[name] = {"size": path.stat().st_size, "sha256": file_sha256(path)}
             manifest = {"key": key, "parts": parts, "meta": meta, "files": files}
+            manifest["sha256"] = _manifest_sha256(manifest)
             with open(tmp / MANIFEST, "w") as f:
                 json.dump(manifest, f, indent=1, sort_keys=True)
                 f.flush()
                 os.fsync(f.fileno())
+            faults.step(f"fsync {MANIFEST}")
             _fsync(tmp)
+            faults.step(f"fsync folder {tmp.name}")
             try:
                 os.rename(tmp, self.path(key))  # atomic; fails if the entry exists (non-empty)
+                faults.step(f"rename model entry {key}")
             except OSError as e:
                 if e.errno not in (errno.ENOTEMPTY, errno.EEXIST, errno.EACCES, errno.EPERM):
                     raise
@@ -186,6 +248,7 @@ class ModelCache:
                     return winner
                 raise OSError(f"model cache entry {self.path(key)} is {problem}") from e
             _fsync(self.root)
+            faults.step(f"fsync folder {self.root.name}")
             return Entry(self.path(key), key, parts, meta)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
