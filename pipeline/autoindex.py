@@ -20,7 +20,7 @@ from typing import Any
 import faiss
 import numpy as np
 
-from pipeline import catalog, exact, indexes, shards, whitening
+from pipeline import catalog, exact, factories, index_files, indexes, shards, whitening
 from pipeline.errors import CbirError
 from pipeline.metrics import recall_at
 from pipeline.ranking import ranked
@@ -159,7 +159,7 @@ def recall_probe(coll, index: Any = None) -> RecallProbe:
 
 def measure_recall(index: faiss.Index, probe: RecallProbe, params: dict[str, float]) -> float:
     """recall@k of `index` with `params`, searched the way `cbir search` does."""
-    indexes.apply_params(index, params)
+    factories.apply_params(index, params)
     found, _ = ranked(
         index, probe.lookup, probe.queries, probe.k, refine=int(params.get("refine", 1))
     )
@@ -214,7 +214,7 @@ def build_and_save(
     is 'WhitenD,FACTORY', its note the whitening's JSON, and its recall@10 is
     measured against exact search in the same whitened space.
     """
-    indexes.index_path(coll.index_dir, name)  # refuse a bad name before any work
+    index_files.index_path(coll.index_dir, name)  # refuse a bad name before any work
     gen = coll.generation
     started = time.perf_counter()
     data, timings = None, {}
@@ -260,4 +260,4 @@ def discard_unpublished(coll, name: str, data: Path | None) -> None:
         return
     record = catalog.index_record(coll.db, name)
     if not record or record.get("file") != data.with_suffix(".faiss").name:
-        indexes.remove_files([data])
+        index_files.remove_files([data])

@@ -175,7 +175,7 @@ def bench_scale(
     """
     import csv
 
-    from pipeline import indexes, synth
+    from pipeline import factories, index_files, indexes, synth
     from pipeline.metrics import recall_at
     from pipeline.ranking import ranked
 
@@ -217,14 +217,14 @@ def bench_scale(
                     index = exact.VectorFileExact(rows, ids)
                     path.touch()
                 else:
-                    index = indexes.make_index(factory, dim)
+                    index = factories.make_index(factory, dim)
                     build_s, _ = _timed(indexes.fill, index, rows, ids, factory)
-                    size_bytes = indexes.write_atomic(index, path)
+                    size_bytes = index_files.write_atomic(index, path)
                     del index
-                    index = indexes.read(path, mmap=True)
+                    index = index_files.read(path, mmap=True)
                 for params in sweep:
                     p = {**fixed, **params}
-                    indexes.apply_params(index, p)
+                    factories.apply_params(index, p)
                     refine = int(p.get("refine", 1))
                     batch_s, (found, _) = _timed(ranked, index, lookup, queries, k, refine=refine)
                     # Exact search at a million vectors reads 8 GB per query: time 10, not 100.

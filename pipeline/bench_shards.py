@@ -21,7 +21,7 @@ from typing import Any
 import faiss
 import numpy as np
 
-from pipeline import autoindex, indexes, synth, vectors
+from pipeline import autoindex, factories, index_files, indexes, synth, vectors
 from pipeline import shards as sharded
 from pipeline.embed import l2_normalize
 from pipeline.errors import CbirError
@@ -80,7 +80,7 @@ def run(
         dim = real.shape[1]
     work = Path(workdir)
     work.mkdir(parents=True, exist_ok=True)
-    tag = indexes.new_tag()
+    tag = index_files.new_tag()
     vec_file = work / f"bench+{tag}.vectors"
     trained = sharded.temp_path(work, "bench", tag, "trained")
     data = work / f"bench+{tag}.ivfdata"
@@ -104,10 +104,10 @@ def run(
         rows = vectors.open_rows(vec_file, dim, n)
         ids = np.arange(n, dtype=np.int64)
 
-        index = indexes.make_index(factory, dim)
+        index = factories.make_index(factory, dim)
         sharded.check_mergeable(index, factory)
         params = dict(params if params is not None else {"nprobe": 16})
-        indexes.apply_params(index, params)  # a bad parameter fails before any work
+        factories.apply_params(index, params)  # a bad parameter fails before any work
         train_s, _ = _timed(indexes.train, index, rows, ids, factory)
         faiss.write_index(index, str(trained))
         out["train_s"] = round(train_s, 2)
@@ -121,7 +121,7 @@ def run(
         out["single_s"] = round(train_s + add_s, 2)
         single_file = work / f"bench+{tag}.single.faiss"
         made.append(single_file)
-        out["single_bytes"] = indexes.write_atomic(single, single_file)
+        out["single_bytes"] = index_files.write_atomic(single, single_file)
         log(f"single: added {n} in {add_s:.1f} s, {out['single_bytes']:,} bytes")
 
         tasks = sharded.shard_tasks(
@@ -141,11 +141,11 @@ def run(
         out["shard_task_s"] = [round(r["seconds"], 2) for r in results]
         out["merge_s"] = round(merge_s, 2)
         out["sharded_s"] = round(train_s + shard_s + merge_s, 2)
-        faiss_bytes = indexes.write_atomic(merged, data.with_suffix(".faiss"))
+        faiss_bytes = index_files.write_atomic(merged, data.with_suffix(".faiss"))
         out["sharded_bytes"] = faiss_bytes + data.stat().st_size
         del merged
         # Searched as `cbir search` reads it: the lists mapped from the .ivfdata.
-        ondisk = indexes.read(data.with_suffix(".faiss"), ondisk=True)
+        ondisk = index_files.read(data.with_suffix(".faiss"), ondisk=True)
         log(
             f"sharded: {len(tasks)} shards ({how.engine}) added in {shard_s:.1f} s, merged in "
             f"{merge_s:.1f} s, {out['sharded_bytes']:,} bytes"

@@ -20,7 +20,7 @@ from typing import Any
 import faiss
 import numpy as np
 
-from pipeline import autoindex, catalog, indexes, shards
+from pipeline import autoindex, catalog, factories, index_files, indexes, shards
 from pipeline.errors import CbirError
 
 # An update may lose this much recall@10 against the recall measured when the index was
@@ -51,10 +51,10 @@ def update_and_save(coll, name: str, sharding: shards.Sharding | None = None) ->
         known = ", ".join(r["name"] for r in catalog.index_records(coll.db)) or "none"
         raise CbirError(f"no index named {name!r} to update (indexes: {known})")
     factory = record["factory"]
-    path = indexes.index_path(coll.index_dir, name, record)
-    ondisk = indexes.is_ondisk(record)
+    path = index_files.index_path(coll.index_dir, name, record)
+    ondisk = index_files.is_ondisk(record)
     rebuild = f"run 'cbir build-index {name}' for a full rebuild"
-    if not indexes.matches_file(record, path):
+    if not index_files.matches_file(record, path):
         raise CbirError(
             f"the files of index {name!r} are missing or do not match its record; {rebuild}", 1
         )
@@ -64,20 +64,23 @@ def update_and_save(coll, name: str, sharding: shards.Sharding | None = None) ->
             f"index {name!r} is held in one file, so --update adds to it here: leave out --shards "
             f"and --engine (or rebuild it on disk: 'cbir build-index {name} --shards N')"
         )
+    # In full, whatever this process saw before: the live lists are copied into the new
+    # files, whose fresh digests would otherwise vouch for the damage.
+    index_files.check_digests(record, path, full=True)
     gen = coll.generation
     started = time.perf_counter()
     try:
-        current = indexes.read(path, mmap=False, ondisk=ondisk)
+        current = index_files.read(path, mmap=False, ondisk=ondisk)
     except (RuntimeError, MemoryError):
         raise CbirError(f"the file of index {name!r} is damaged; {rebuild}", 1) from None
-    if indexes.ivf_core(current) is None:
+    if factories.ivf_core(current) is None:
         why = (
             "was built by an older cbir (IVF inside IDMap2)"
             if faiss.try_extract_index_ivf(current) is not None
             else "is not an IVF index"
         )
         raise CbirError(f"index {name!r} ({factory}) {why} and cannot grow; {rebuild}")
-    held, want = indexes.stored_ids(current), coll.indexed_ids()
+    held, want = factories.stored_ids(current), coll.indexed_ids()
     added, removed = np.setdiff1d(want, held), np.setdiff1d(held, want)
     trained = record.get("trained_recall")
     trained = record["recall_at_10"] if trained is None else trained
@@ -86,7 +89,7 @@ def update_and_save(coll, name: str, sharding: shards.Sharding | None = None) ->
         if record["generation"] != gen:  # nothing to add or remove: the same files are current
             record = {**record, "generation": gen}
             catalog.save_index_record(coll.db, record)
-        indexes.remove_leftovers(coll, name, record)  # an update that crashed after its commit
+        index_files.remove_leftovers(coll, name, record)  # an update that crashed after its commit
         return {**record, **counts}
     data, timings = None, {}
     try:
@@ -140,7 +143,7 @@ def describe_update(record: dict[str, Any]) -> str:
 
 def empty_copy(path: Path) -> faiss.Index:
     """The trained, empty IVF index of an on-disk index file (its lists are not touched)."""
-    index = indexes.read(path, ondisk=True)
+    index = index_files.read(path, ondisk=True)
     ivf = faiss.extract_index_ivf(index)
     lists = faiss.ArrayInvertedLists(ivf.nlist, ivf.code_size)
     ivf.replace_invlists(lists, True)
@@ -161,23 +164,23 @@ def grow_ondisk(
 ) -> tuple[faiss.Index, Path, dict[str, Any]]:
     """A new on-disk index: [the live `current`, a shard of `added`] merged into a new .ivfdata,
     then `removed` taken out of that new file. The live files are only read."""
-    tag = indexes.new_tag()
+    tag = index_files.new_tag()
     trained = shards.temp_path(coll.index_dir, name, tag, "trained")
     timings: dict[str, Any] = {}
     try:
         shards.write_temp(empty_copy(path), trained)
     except BaseException:
-        indexes.remove_files([trained])
+        index_files.remove_files([trained])
         raise
     merged, data = shards.merge_shards(
         coll, name, tag, factory, trained, [current], added, how, timings
     )
     try:
         if len(removed):
-            with indexes.quiet():
+            with index_files.quiet():
                 merged.remove_ids(np.asarray(removed, dtype=np.int64))
         shards.fsync_data(data)
     except BaseException:
-        indexes.remove_files([data])
+        index_files.remove_files([data])
         raise
     return merged, data, timings

@@ -28,7 +28,7 @@ from typing import Any
 import faiss
 import numpy as np
 
-from pipeline import catalog, config, faults, indexes, raycluster, vectors
+from pipeline import catalog, config, factories, faults, index_files, indexes, raycluster, vectors
 from pipeline.errors import CbirError
 
 # More shards than this buys nothing (each is a task with its own copy of the
@@ -60,7 +60,7 @@ def sharding(shards: Any = 1, engine: Any = "local", address: str | None = None)
 
 def check_mergeable(index: faiss.Index, factory: str) -> faiss.IndexIVF:
     """The IVF index inside `index`, or a one-line error if it cannot live on disk."""
-    ivf = indexes.ivf_core(index)
+    ivf = factories.ivf_core(index)
     if ivf is None:
         raise CbirError(
             f"--shards, --engine ray and on-disk indexes need an IVF factory, and {factory!r} "
@@ -82,7 +82,7 @@ def split(ids: np.ndarray, shards: int) -> list[np.ndarray]:
 
 
 def temp_path(index_dir: Path, name: str, tag: str, kind: str) -> Path:
-    """.NAME+TAG.KIND.faiss: a build's temporary, which `indexes._own_files` cleans up."""
+    """.NAME+TAG.KIND.faiss: a build's temporary, which `index_files._own_files` cleans up."""
     return index_dir / f".{name}+{tag}.{kind}.faiss"
 
 
@@ -224,7 +224,7 @@ def merge(target: faiss.Index, sources: list[faiss.Index], data: Path) -> None:
     lists = faiss.InvertedListsPtrVector()
     for s in sources:
         lists.push_back(faiss.extract_index_ivf(s).invlists)
-    with indexes.quiet():
+    with index_files.quiet():
         ondisk = faiss.OnDiskInvertedLists(ivf.nlist, ivf.code_size, os.path.abspath(data))
         try:
             ntotal = ondisk.merge_from_multiple(lists.data(), lists.size(), False)
@@ -267,10 +267,10 @@ def merge_shards(
         timings["merge_s"] = time.perf_counter() - started
         timings["shards"] = len(tasks)
     except BaseException:
-        indexes.remove_files([data])
+        index_files.remove_files([data])
         raise
     finally:
-        indexes.remove_files([trained] + [Path(t["out"]) for t in tasks])
+        index_files.remove_files([trained] + [Path(t["out"]) for t in tasks])
     return merged, data
 
 
@@ -285,11 +285,11 @@ def build_ondisk(
     ids = coll.indexed_ids()
     if coll.dim == 0 or len(ids) == 0:
         raise CbirError("the catalog has no indexed images yet: run 'cbir index FOLDER' first")
-    index = indexes.make_index(factory, coll.dim)
+    index = factories.make_index(factory, coll.dim)
     check_mergeable(index, factory)
     if params:
-        indexes.apply_params(index, params)  # a bad parameter fails before any work
-    tag = indexes.new_tag()
+        factories.apply_params(index, params)  # a bad parameter fails before any work
+    tag = index_files.new_tag()
     trained = temp_path(coll.index_dir, name, tag, "trained")
     timings: dict[str, Any] = {}
     started = time.perf_counter()
@@ -297,13 +297,13 @@ def build_ondisk(
         indexes.train(index, coll.rows(), ids, factory)
         write_temp(index, trained)
     except BaseException:
-        indexes.remove_files([trained])
+        index_files.remove_files([trained])
         raise
     timings["train_s"] = time.perf_counter() - started
     merged, data = merge_shards(coll, name, tag, factory, trained, [], ids, how, timings)
     try:
         fsync_data(data)
     except BaseException:
-        indexes.remove_files([data])
+        index_files.remove_files([data])
         raise
     return merged, data, timings

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import glob
+import hashlib
 import json
 import math
 import os
@@ -37,7 +38,7 @@ from typing import Any
 import faiss
 import numpy as np
 
-from pipeline import catalog, indexes, metrics, vectors
+from pipeline import catalog, files, index_files, metrics, vectors
 from pipeline.config import Spec, check
 from pipeline.errors import CbirError
 
@@ -84,6 +85,7 @@ class Request:
     file: str | None = None
     validate: str | None = None  # "labels", a ground-truth CSV, or None: labels if usable
     save: str | None = None
+    digest: str | None = None  # a rebuild: the sha256 `file` had when the index was built
 
 
 def request(
@@ -135,8 +137,44 @@ def from_record(record: dict[str, Any] | None) -> Request | None:
     dim, _ = split_factory(record["factory"])  # type: ignore[misc]
     info = (read_note(record.get("note")) or {}).get("whitening", {})
     if info.get("file"):
-        return Request(file=info["file"], validate=info.get("validate_arg"))
+        return Request(
+            file=info["file"], validate=info.get("validate_arg"), digest=info.get("file_sha256")
+        )
     return Request(dim, info.get("shrinkage", DEFAULT_SHRINKAGE), None, info.get("validate_arg"))
+
+
+def check_files(record: dict[str, Any]) -> tuple[list[str], list[str]]:
+    """`verify` of a whitened index's files outside the index folder: (problems, notes).
+
+    The file it was built from (`--whitening FILE`) is what a rebuild reads again: a change
+    is a problem (the rebuild refuses it), a missing file a note. The file it saved
+    (`--save-whitening`) is the user's to keep or replace: a change is only noted.
+    """
+    info = (read_note(record.get("note")) or {}).get("whitening", {})
+    name, problems, notes = record["name"], [], []
+    for key, digest_key, role in (
+        ("file", "file_sha256", "built from"),
+        ("saved_file", "saved_sha256", "saved"),
+    ):
+        path, want = info.get(key), info.get(digest_key)
+        if not path or not want:
+            continue
+        try:
+            got = index_files.file_digest(Path(path))
+        except OSError:
+            notes.append(f"index {name}: the whitening file it {role}, {path}, is gone")
+            continue
+        if got == want:
+            continue
+        if key == "file":
+            problems.append(
+                f"index {name}: the whitening file it was built from, {path}, has changed "
+                f"(checksum mismatch), so 'cbir build-index {name}' refuses it: restore it, "
+                f"or run 'cbir build-index {name} --whitening {path}' to validate the new one"
+            )
+        else:
+            notes.append(f"index {name}: the whitening file it saved, {path}, has changed since")
+    return problems, notes
 
 
 def read_note(note: str | None) -> dict[str, Any] | None:
@@ -162,21 +200,74 @@ def learn(rows: np.ndarray, ids: np.ndarray, dim: int, shrinkage: float) -> fais
     except (RuntimeError, MemoryError) as e:
         last = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
         raise CbirError(f"cannot learn a whitening to {dim} dimensions: {last}", 1) from None
-    if not np.isfinite(faiss.vector_to_array(pca.A)).all():
+    if transform_problem(pca):  # what a --whitening file is refused for, refused here too
         raise CbirError(
             f"whitening refused: the {len(ids)} fitting vectors span fewer than {dim} "
-            f"dimensions, so full whitening divides by zero; {SUGGEST}",
+            f"dimensions, so full whitening divides by (nearly) zero; {SUGGEST}",
             1,
         )
     return pca
 
 
-def read_transform(path: str, d_in: int) -> faiss.PCAMatrix:
+# The most a transform may scale a unit vector's component by (|A_i| + |b_i|): far above
+# any whitening learned from real vectors (full whitening of a 1e-10 eigenvalue is 1e5),
+# far below where whitened components overflow float32 or swamp all others.
+MAX_GAIN = 1e8
+
+
+def transform_problem(pca: faiss.PCAMatrix) -> str | None:
+    """Why a fitted PCAMatrix cannot be used (arrays of the wrong size, a non-finite value,
+    a gain over MAX_GAIN), or None. Every array is checked, not just A: a NaN in the
+    bias b makes every whitened vector NaN, and an index of them answers nothing."""
+    d_in, d_out = int(pca.d_in), int(pca.d_out)
+    arrays = {
+        "A": faiss.vector_to_array(pca.A),
+        "b": faiss.vector_to_array(pca.b),
+        "mean": faiss.vector_to_array(pca.mean),
+        "eigenvalues": faiss.vector_to_array(pca.eigenvalues),
+    }
+    sizes = {"A": d_in * d_out, "b": d_out, "mean": d_in}
+    for key, want in sizes.items():
+        if arrays[key].size != want:
+            return f"its {key} holds {arrays[key].size} values, not {want}"
+    for key, values in arrays.items():
+        if not np.isfinite(values).all():
+            return f"its {key} holds non-finite values"
+    a = arrays["A"].astype(np.float64).reshape(d_out, d_in)
+    gain = float((np.linalg.norm(a, axis=1) + np.abs(arrays["b"])).max())
+    if not gain <= MAX_GAIN:
+        return f"it scales a unit vector by up to {gain:.3g} (more than {MAX_GAIN:g})"
+    return None
+
+
+def read_transform(path: str, d_in: int, expect: str | None = None) -> faiss.PCAMatrix:
     """A fitted PCAMatrix from a file written by --save-whitening, checked for `d_in`."""
-    if not os.path.isfile(path):
-        raise CbirError(f"whitening file not found: {path}")
+    return load_transform(path, d_in, expect)[0]
+
+
+def load_transform(path: str, d_in: int, expect: str | None = None) -> tuple[faiss.PCAMatrix, str]:
+    """(the checked PCAMatrix of a whitening file, the sha256 of the bytes read).
+
+    `expect`: the sha256 recorded when an index was built from the file; other bytes are
+    refused (a rebuild never silently takes up a changed or swapped file).
+    """
+    try:  # a FIFO, a device or a huge file is refused before it is read
+        data = files.read_regular(path, "whitening", files.WHITENING_MAX)
+    except FileNotFoundError:
+        raise CbirError(f"whitening file not found: {path}") from None
+    except OSError as e:
+        raise CbirError(f"cannot read whitening file {path}: {e.strerror}") from None
+    digest = hashlib.sha256(data).hexdigest()
+    if expect and digest != expect:
+        raise CbirError(
+            f"whitening file {path} has changed since the index was built from it (checksum "
+            "mismatch), so a rebuild does not take it up: restore it, or give it again "
+            "with --whitening to validate and use the new file"
+        )
+    reader = faiss.VectorIOReader()
+    faiss.copy_array_to_vector(np.frombuffer(data, dtype=np.uint8), reader.data)
     try:
-        vt = faiss.read_VectorTransform(str(path))  # comes back as its own type, owned
+        vt = faiss.read_VectorTransform(reader)  # comes back as its own type, owned
     except (RuntimeError, MemoryError):
         vt = None
     if not isinstance(vt, faiss.PCAMatrix):
@@ -191,19 +282,22 @@ def read_transform(path: str, d_in: int) -> faiss.PCAMatrix:
         )
     if not vt.is_trained or not 1 <= vt.d_out <= DIM_SPEC.hi:
         raise CbirError(f"{path} is not a fitted transform to 1..{DIM_SPEC.hi:g} dimensions")
-    if not np.isfinite(faiss.vector_to_array(vt.A)).all():
-        raise CbirError(f"{path} holds a transform with non-finite values")
-    return vt
+    if problem := transform_problem(vt):
+        raise CbirError(f"{path} is not a usable whitening transform: {problem}")
+    return vt, digest
 
 
-def write_transform(pca: faiss.PCAMatrix, path: str) -> None:
-    """Write the fitted transform atomically (as index files are written)."""
+def write_transform(pca: faiss.PCAMatrix, path: str) -> str:
+    """Write the fitted transform atomically (as index files are written); its sha256."""
     target = Path(path)
-    indexes.write_atomic(pca, target, faiss.write_VectorTransform, f"whitening file {target.name}")
+    index_files.write_atomic(
+        pca, target, faiss.write_VectorTransform, f"whitening file {target.name}"
+    )
     # Temporaries of writes of this file that were killed before their rename.
     for stale in target.parent.glob(f".{glob.escape(target.name)}.*.tmp"):
         with contextlib.suppress(OSError):
             stale.unlink()
+    return index_files.file_digest(target)
 
 
 def wrap(pca: faiss.PCAMatrix, inner: faiss.Index) -> faiss.IndexPreTransform:
@@ -413,6 +507,18 @@ def resolve_dim(req: Request, d_in: int) -> int:
 
 def plan(coll, req: Request) -> Plan:
     """Learn (or read) the transform of `req` and validate it; refused in one line when it hurts.
+    With `req.save`, the validated transform is written there and its sha256 recorded.
+    """
+    made = _plan(coll, req)
+    if req.save is not None:
+        made.info.update(
+            saved_file=os.path.abspath(req.save), saved_sha256=write_transform(made.pca, req.save)
+        )
+    return made
+
+
+def _plan(coll, req: Request) -> Plan:
+    """`plan` before any file is written.
 
     Bad values (a dimension over the catalog's, an unreadable file or CSV) are
     exit 2; a transform that lowers the validation mAP, a collection too small
@@ -422,11 +528,14 @@ def plan(coll, req: Request) -> Plan:
     ids = coll.indexed_ids()
     if d_in == 0 or len(ids) == 0:
         raise CbirError("the catalog has no indexed images yet: run 'cbir index FOLDER' first")
+    # Every row is checked before any is learned from or ranked (validation ranks them all),
+    # so a damaged one is the only line, not numpy's overflow warnings first.
+    coll.refuse_damaged()
     dim = resolve_dim(req, d_in)
     shrinkage = DEFAULT_SHRINKAGE if req.shrinkage is None else req.shrinkage
     if req.file is None and dim > d_in:
         raise CbirError(f"--whiten-dim {dim} is more than the vectors' {d_in} dimensions")
-    pca = read_transform(req.file, d_in) if req.file is not None else None
+    pca, digest = load_transform(req.file, d_in, req.digest) if req.file else (None, None)
     rows = coll.rows()
     validate_arg = req.validate
     if validate_arg not in (None, "labels"):
@@ -447,19 +556,11 @@ def plan(coll, req: Request) -> Plan:
                 f"{len(hold.fit_ids)} fitting vectors; {SUGGEST}",
                 1,
             )
-        crcs = catalog.vector_crcs(coll.db)
-        bad = vectors.damaged(rows, hold.fit_ids, crcs)
-        if bad:
-            raise CbirError(
-                f"the vector file is damaged: {len(bad)} vectors fail their checksum "
-                f"(ids {bad[:5]}); run 'cbir verify --repair'",
-                1,
-            )
         pca = learn(rows, hold.fit_ids, dim, shrinkage)
         info.update(source="learned", fit_vectors=int(min(len(hold.fit_ids), FIT_ROWS)))
         info["seed"] = SEED
     else:
-        info.update(source="file", file=os.path.abspath(req.file))  # type: ignore[arg-type]
+        info.update(source="file", file=os.path.abspath(str(req.file)), file_sha256=digest)
     info.update(dim=int(pca.d_out), shrinkage=shrinkage_of(pca))
     if hold is None:
         info.update(validation=None)

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 import fakes
 import pipeline
-from pipeline import api, config, indexes, scan
+from pipeline import api, config, factories, scan
 from pipeline.cli import main
 from pipeline.config import DEFAULTS, SPEC, load_settings
 from pipeline.errors import CbirError
@@ -240,18 +240,18 @@ def test_python_api_is_checked_too(coll):
 
 
 def test_parse_params_and_apply_params_check_ranges():
-    assert indexes.parse_params(["nprobe=16", " efSearch = 64 ", "refine=40"]) == {
+    assert factories.parse_params(["nprobe=16", " efSearch = 64 ", "refine=40"]) == {
         "nprobe": 16.0,
         "efSearch": 64.0,
         "refine": 40.0,
     }
-    assert indexes.parse_params("nprobe=4") == {"nprobe": 4.0}
+    assert factories.parse_params("nprobe=4") == {"nprobe": 4.0}
     for bad in (["nprobe=nan"], ["nprobe=0"], ["efSearch=-1"], {"refine": None}, ["x=inf"]):
         with pytest.raises(CbirError):
-            indexes.parse_params(bad)
-    index = indexes.make_index("HNSW32", 8)
+            factories.parse_params(bad)
+    index = factories.make_index("HNSW32", 8)
     with pytest.raises(CbirError, match="efSearch"):
-        indexes.apply_params(index, {"efSearch": 0.0})
+        factories.apply_params(index, {"efSearch": 0.0})
 
 
 # -- label CSVs ---------------------------------------------------------------

@@ -21,7 +21,7 @@ from click.testing import CliRunner
 
 import fakes
 from fakes import assert_same, run_child, snapshot
-from pipeline import catalog, faults, indexes
+from pipeline import catalog, faults, index_files
 from pipeline.cli import main
 
 
@@ -72,7 +72,7 @@ def crash_every_step(tmp_path: Path, base: Path, command: list[str], check=None)
         assert v.exit_code == 0, f"{where}: verify after rerun: {v.output}"
         assert "not recorded" not in v.output, f"{where}: files left behind: {v.output}"
         recorded = {
-            indexes.index_path(state / "idx", r["name"], r).name
+            index_files.index_path(state / "idx", r["name"], r).name
             for r in catalog.index_records(catalog.open_reader(state / "c.db"))
         }
         assert {f.name for f in (state / "idx").iterdir()} == recorded, where

@@ -17,7 +17,7 @@ from click.testing import CliRunner
 
 import fakes
 from fakes import assert_same, snapshot
-from pipeline import api, catalog, indexes
+from pipeline import api, catalog, index_files
 from pipeline.cli import main
 
 
@@ -44,7 +44,7 @@ def one_line_error(r, code: int) -> str:
 
 def index_file(folder: Path, name: str) -> Path:
     rec = catalog.index_record(catalog.open_reader(folder / "c.db"), name)
-    return indexes.index_path(folder / "idx", name, rec)
+    return index_files.index_path(folder / "idx", name, rec)
 
 
 DAMAGE = {

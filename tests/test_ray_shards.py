@@ -17,7 +17,7 @@ import pytest
 from click.testing import CliRunner
 
 import fakes
-from pipeline import api, catalog, collection, indexes
+from pipeline import api, catalog, collection, factories, indexes
 from pipeline.cli import main
 
 pytestmark = pytest.mark.slow
@@ -93,7 +93,7 @@ def test_ray_sharded_build_returns_the_single_shot_top10(cluster, tmp_path):
     coll = collection.reading(tmp_path / "c.db", tmp_path / "idx")
     try:
         index, _, _ = indexes.load(coll, "sh")
-        np.testing.assert_array_equal(indexes.stored_ids(index), coll.indexed_ids())
+        np.testing.assert_array_equal(factories.stored_ids(index), coll.indexed_ids())
     finally:
         coll.close()
     assert "verify: ok" in cli("verify", *o)

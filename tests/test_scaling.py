@@ -10,7 +10,7 @@ from PIL import Image
 
 import pipeline
 from conftest import copy_collection
-from pipeline import autoindex, collection, exact, indexes, synth
+from pipeline import autoindex, collection, exact, factories, index_files, indexes, synth
 from pipeline.bench import bench_scale
 from pipeline.embed import l2_normalize
 from pipeline.errors import CbirError
@@ -45,8 +45,8 @@ def test_auto_choice_is_a_valid_index_for_tiny_and_large_collections(n, budget, 
     choice = autoindex.choose(n, 2048, autoindex.parse_size(budget))
     assert choice.factory.startswith(kind)
     assert choice.bytes_estimate <= autoindex.parse_size(budget)
-    index = indexes.make_index(choice.factory, 2048)  # FAISS accepts the string
-    indexes.apply_params(index, choice.params)  # and every parameter
+    index = factories.make_index(choice.factory, 2048)  # FAISS accepts the string
+    factories.apply_params(index, choice.params)  # and every parameter
     if "PQ" in choice.factory:
         assert choice.params["refine"] >= 1 and choice.bytes_estimate < n * 2048 * 4 / 8
     with pytest.raises(CbirError, match="raise --max-memory"):
@@ -60,7 +60,7 @@ def test_recall_on_a_toy_case():
     # exact_top_k agrees with a plain full sort
     full = np.argsort(-(probe.queries @ x.T), axis=1, kind="stable")[:, :10]
     assert (np.sort(probe.truth, axis=1) == np.sort(full, axis=1)).all()
-    ivf = indexes.make_index("IVF32,Flat", 64)
+    ivf = factories.make_index("IVF32,Flat", 64)
     indexes.fill(ivf, x, ids)
     assert autoindex.measure_recall(ivf, probe, {"nprobe": 32}) == 1.0
     low = autoindex.measure_recall(ivf, probe, {"nprobe": 1})
@@ -72,11 +72,11 @@ def test_recall_on_a_toy_case():
 @pytest.mark.parametrize("factory", ["Flat", "IVF16,Flat", "IVF16,PQ8", "HNSW16"])
 def test_memory_mapped_search_equals_in_memory(tmp_path, factory):
     x = clustered(3000)
-    index = indexes.make_index(factory, 64)
+    index = factories.make_index(factory, 64)
     indexes.fill(index, x, np.arange(3000))
     path = tmp_path / "i.faiss"
-    indexes.write_atomic(index, path)
-    in_mem, mapped = indexes.read(path, mmap=False), indexes.read(path, mmap=True)
+    index_files.write_atomic(index, path)
+    in_mem, mapped = index_files.read(path, mmap=False), index_files.read(path, mmap=True)
     q = x[:25]
     d1, i1 = in_mem.search(q, 10)
     d2, i2 = mapped.search(q, 10)

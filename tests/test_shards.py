@@ -23,7 +23,17 @@ from PIL import Image
 
 import fakes
 from fakes import cli, ok, one_line_error, opts, run_child
-from pipeline import api, bench_shards, catalog, collection, faults, growing, indexes
+from pipeline import (
+    api,
+    bench_shards,
+    catalog,
+    collection,
+    factories,
+    faults,
+    growing,
+    index_files,
+    indexes,
+)
 from pipeline.errors import CbirError
 
 FAKES = str(Path(fakes.__file__).resolve())
@@ -68,7 +78,7 @@ def held_and_indexed(state: Path, name: str) -> tuple[np.ndarray, np.ndarray]:
     coll = reader(state)
     try:
         index, _, _ = indexes.load(coll, name, allow_stale=True)
-        return indexes.stored_ids(index), coll.indexed_ids()
+        return factories.stored_ids(index), coll.indexed_ids()
     finally:
         coll.close()
 
@@ -77,10 +87,10 @@ def recorded_files(state: Path) -> set[str]:
     db = catalog.open_reader(state / "c.db")
     names = set()
     for r in catalog.index_records(db):
-        path = indexes.index_path(state / "idx", r["name"], r)
+        path = index_files.index_path(state / "idx", r["name"], r)
         names.add(path.name)
-        if indexes.is_ondisk(r):
-            names.add(indexes.data_path(path).name)
+        if index_files.is_ondisk(r):
+            names.add(index_files.data_path(path).name)
     db.conn.close()
     return names
 
@@ -121,7 +131,7 @@ def test_sharded_build_returns_the_single_shot_top10(state, factory):
     try:
         single, _, _ = indexes.load(coll, "one")
         merged, _, _ = indexes.load(coll, "sh")
-        assert indexes.ivf_core(single) is not None and indexes.ivf_core(merged) is not None
+        assert factories.ivf_core(single) is not None and factories.ivf_core(merged) is not None
         rows = np.asarray(coll.rows()[coll.indexed_ids()])
         d1, i1 = single.search(rows, 10)
         d2, i2 = merged.search(rows, 10)

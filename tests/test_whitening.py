@@ -21,7 +21,7 @@ from PIL import Image
 
 import fakes
 from fakes import cli, ok, one_line_error, opts
-from pipeline import api, catalog, collection, faults, indexes, whitening
+from pipeline import api, catalog, collection, factories, faults, indexes, whitening
 from pipeline.errors import CbirError
 
 CLASSES, PER_CLASS = 4, 30  # 120 images: 96 fit the whitening, 24 validate it
@@ -191,7 +191,7 @@ def test_whitened_index_searches_in_its_whitened_space(state):
         white = space(raw)
         assert white.shape == (len(ids), 16)
         np.testing.assert_allclose(np.linalg.norm(white, axis=1), 1.0, atol=1e-5)
-        assert np.array_equal(indexes.stored_ids(index), ids)
+        assert np.array_equal(factories.stored_ids(index), ids)
     finally:
         coll.close()
     queries = [int(ids[0]), int(ids[37]), int(ids[71]), int(ids[110])]
