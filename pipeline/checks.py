@@ -10,14 +10,21 @@ from typing import Any
 import faiss
 import numpy as np
 
-from pipeline import catalog, indexes, vectors
+from pipeline import catalog, factories, index_files, indexes, vectors, whitening
 from pipeline.collection import Collection
 from pipeline.errors import CbirError
+from pipeline.modelcache import ModelCache
 
 
 def collection_info(coll: Collection) -> dict[str, Any]:
-    """What the catalog holds: counts by status and label, fingerprint, indexes, last run."""
+    """What the catalog holds: counts by status and label, fingerprint, indexes, last run.
+
+    Counted from every images row, so all are checked first (DamagedRow, one line); meta
+    values and index records are checked as read. The last run is shown as recorded
+    (`runs` carries no checksums: history, not an answer about the images).
+    """
     db = coll.db
+    coll.check_rows()
     status = {
         r["status"]: r["n"]
         for r in db.query("select status, count(*) n from images group by status")
@@ -31,8 +38,8 @@ def collection_info(coll: Collection) -> dict[str, Any]:
     vec_path = coll.vectors_path
     idx = []
     for rec in catalog.index_records(db):
-        path = indexes.index_path(coll.index_dir, rec["name"], rec)
-        data = indexes.data_path(path) if indexes.is_ondisk(rec) else None
+        path = index_files.index_path(coll.index_dir, rec["name"], rec)
+        data = index_files.data_path(path) if index_files.is_ondisk(rec) else None
         missing = not path.exists() or (data is not None and not data.exists())
         idx.append(
             {
@@ -112,10 +119,35 @@ REPAIR_HINT = (
 )
 
 
+def _row_checks(db) -> tuple[list[str], list[str], bool]:
+    """(problems, notes, meta_ok): every row of images, meta and indexes against its
+    checksum; damaged meta makes every other check meaningless (next_id, dimension)."""
+    if catalog.unsealed(db):
+        note = (
+            "catalog rows carry no checksums yet (written before schema 5), so a changed "
+            "value in them goes unseen; the next write ('cbir index', 'cbir build-index' or "
+            "'cbir verify --repair') records them"
+        )
+        return [], [note], True
+    problems = []
+    if bad := catalog.bad_rows(db, "meta"):
+        return [catalog.meta_damage_text([str(k) for k in bad])], [], False
+    if bad := catalog.bad_rows(db, "images"):
+        problems.append(
+            f"{len(bad)} catalog rows fail their checksum (ids {bad[:5]}): their path, label "
+            f"or status was changed by damage; {REPAIR_HINT}"
+        )
+    if bad := catalog.bad_rows(db, "indexes"):
+        problems.append(catalog.record_damage_text([str(n) for n in bad]))
+    return problems, [], True
+
+
 def _verify(coll: Collection) -> dict[str, Any]:
     db, index_dir = coll.db, coll.index_dir
-    problems: list[str] = []
-    notes: list[str] = []
+    problems, notes, meta_ok = _row_checks(db)
+    if not meta_ok:
+        checked = {"images": 0, "vectors": 0, "indexes": 0}
+        return {"ok": False, "problems": problems, "notes": notes, "checked": checked}
     dim, committed = coll.dim, coll.next_id
     vec_path = coll.vectors_path
     ids = catalog.indexed_ids(db)
@@ -165,7 +197,8 @@ def _verify(coll: Collection) -> dict[str, Any]:
             stored = coll.rows()
             for start in range(0, len(ids), 65536):
                 chunk = np.asarray(stored[ids[start : start + 65536]], dtype=np.float32)
-                norms = np.linalg.norm(chunk, axis=1)
+                with np.errstate(over="ignore", invalid="ignore"):  # a damaged row: inf, told below
+                    norms = np.linalg.norm(chunk, axis=1)
                 bad = ~np.isfinite(norms) | (np.abs(norms - 1) > 1e-3)
                 if bad.any():
                     first = int(ids[start + int(np.flatnonzero(bad)[0])])
@@ -186,22 +219,27 @@ def _verify(coll: Collection) -> dict[str, Any]:
     elif len(ids):
         problems.append("images are indexed but the catalog records no vector dimension")
 
-    for rec in catalog.index_records(db):
-        path = indexes.index_path(index_dir, rec["name"], rec)
+    for rec in catalog.index_records(db, check=False):
+        if not rec.pop("intact"):
+            continue  # told above: nothing in it can be trusted
+        path = index_files.index_path(index_dir, rec["name"], rec)
+        found, noted = whitening.check_files(rec)  # what a rebuild of a whitened one reads
+        problems += found
+        notes += noted
         if not path.exists():
             if rec["name"] == indexes.EXACT:  # derived and cheap: search rebuilds it
                 notes.append(f"exact index file {path} is missing; it is rebuilt when needed")
             else:
                 problems.append(f"index {rec['name']}: file {path} is missing")
             continue
-        data = indexes.data_path(path)
-        if indexes.is_ondisk(rec) and not data.exists():
+        data = index_files.data_path(path)
+        if index_files.is_ondisk(rec) and not data.exists():
             problems.append(
                 f"index {rec['name']}: its inverted-list file {data} is missing; "
                 f"run 'cbir build-index {rec['name']}'"
             )
             continue
-        if indexes.is_ondisk(rec) and data.stat().st_size != rec["data_bytes"]:
+        if index_files.is_ondisk(rec) and data.stat().st_size != rec["data_bytes"]:
             # Checked before FAISS maps it: reading past the end of a short one is a SIGBUS.
             problems.append(
                 f"index {rec['name']}: its inverted-list file {data} is {data.stat().st_size:,} "
@@ -209,22 +247,40 @@ def _verify(coll: Collection) -> dict[str, Any]:
                 f"run 'cbir build-index {rec['name']}'"
             )
             continue
-        if not indexes.matches_file(rec, path):
+        if not index_files.matches_file(rec, path):
+            # Builds write new files and then commit the record, so a file of another size
+            # than its record's was changed behind cbir's back (or by a much older cbir).
             message = (
                 f"index {rec['name']}: the file does not match its record "
-                f"(an interrupted build?); run 'cbir build-index {rec['name']}'"
+                f"(truncated or replaced); run 'cbir build-index {rec['name']}'"
             )
             if rec["name"] == indexes.EXACT:
-                notes.append(message + " (search rebuilds it meanwhile)")
-            else:
-                problems.append(message)
+                message += " (search rebuilds it in memory meanwhile)"
+            problems.append(message)
             continue
         try:
-            index = indexes.read(path, ondisk=indexes.is_ondisk(rec))
+            unchecked = index_files.check_digests(rec, path, full=True)
+        except index_files.DamagedIndex as e:
+            meanwhile = " (search rebuilds it in memory meanwhile)"
+            problems.append(str(e) + (meanwhile if rec["name"] == indexes.EXACT else ""))
+            continue
+        if unchecked:
+            notes.append(
+                f"index {rec['name']}: no digest recorded for {', '.join(unchecked)} (built "
+                f"before cbir kept them), so damage that keeps its size goes unseen; run "
+                f"'cbir build-index {rec['name']}' to protect it"
+            )
+        try:
+            index = index_files.read(path, ondisk=index_files.is_ondisk(rec))
         except (RuntimeError, MemoryError) as e:
             problems.append(f"index {rec['name']}: unreadable ({str(e).strip().splitlines()[-1]})")
             continue
         checked["indexes"] += 1
+        if problem := indexes.unusable(index):
+            problems.append(
+                f"index {rec['name']}: its whitening is unusable ({problem}); "
+                f"run 'cbir build-index {rec['name']}' to rebuild it"
+            )
         if index.ntotal != rec["ntotal"]:
             problems.append(
                 f"index {rec['name']}: file holds {index.ntotal} vectors, record says {rec['ntotal']}"
@@ -233,7 +289,7 @@ def _verify(coll: Collection) -> dict[str, Any]:
             notes.append(f"index {rec['name']} is stale (catalog changed since it was built)")
             continue
         try:
-            held = indexes.stored_ids(index)  # IDMap2's map, or a bare IVF's inverted lists
+            held = factories.stored_ids(index)  # IDMap2's map, or a bare IVF's inverted lists
         except (CbirError, RuntimeError) as e:
             problems.append(f"index {rec['name']}: cannot list its ids ({e})")
             continue
@@ -253,11 +309,21 @@ def _verify(coll: Collection) -> dict[str, Any]:
             if not np.allclose(got, want, atol=1e-6):
                 problems.append(f"index {rec['name']}: vectors differ from the vector file")
     known = set()
-    for r in catalog.index_records(db):
-        path = indexes.index_path(index_dir, r["name"], r)
-        known |= {path.name, indexes.data_path(path).name} if indexes.is_ondisk(r) else {path.name}
+    for r in catalog.index_records(db, check=False):
+        path = index_files.index_path(index_dir, r["name"], r)
+        known |= (
+            {path.name, index_files.data_path(path).name}
+            if index_files.is_ondisk(r)
+            else {path.name}
+        )
     if Path(index_dir).is_dir():
         for f in sorted([*Path(index_dir).glob("*.faiss"), *Path(index_dir).glob("*.ivfdata")]):
             if f.name not in known:
                 notes.append(f"index file {f} is not recorded in this catalog")
+    for problem in ModelCache(coll.models_dir).problems():
+        problems.append(
+            f"the int8 model kept in {coll.models_dir} is damaged ({problem}); the next "
+            "'cbir index' rebuilds it from the model cache or the calibration images while "
+            "either is still there"
+        )
     return {"ok": not problems, "problems": problems, "notes": notes, "checked": checked}

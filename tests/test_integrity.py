@@ -133,7 +133,8 @@ def test_foreign_sqlite_file_is_refused_untouched(tmp_path):
         con.execute("insert into images values (1, 'x')")
     con.close()
     before = digest(other)
-    for args in (["info"], ["verify"], ["search", "--id", "1"], ["index", str(tmp_path)]):
+    fakes.make_images(tmp_path / "imgs", 1)  # an index job reads its folder first
+    for args in (["info"], ["verify"], ["search", "--id", "1"], ["index", tmp_path / "imgs"]):
         r = cli(*args, "--catalog", other, "--index-dir", tmp_path / "idx")
         assert r.exit_code == 2, r.output
         assert "not a cbir catalog" in r.output and "Traceback" not in r.output
@@ -170,15 +171,20 @@ def test_damaged_vector_rows_are_caught_and_never_indexed(tmp_path):
 
     r = cli("verify", *opts(tmp_path))
     assert r.exit_code == 1 and "2 vectors fail their checksum (ids [3, 7])" in r.output
-    # A no-op index job must not rebuild the exact index from the damaged file.
+    # The next index job drops them and embeds those files again, as verify says; it
+    # never builds the exact index from the damaged file.
     r = cli("index", imgs, *opts(tmp_path))
-    assert r.exit_code == 1 and "fail their checksum" in r.output and "Traceback" not in r.output
-    assert cli("verify", *opts(tmp_path)).exit_code == 1
-    # Repair drops them; the next job embeds those files again.
+    assert r.exit_code == 0 and "model 2" in r.output and "fail their checksum" in r.output
+    assert_same(snapshot(tmp_path / "c.db"), want, "after the next job")
+    assert cli("verify", *opts(tmp_path)).exit_code == 0
+    # Or repair drops them; the next job embeds those files again.
+    data = bytearray(path.read_bytes())
+    data[-row + 5] ^= 0x10
+    path.write_bytes(bytes(data))
     r = cli("verify", "--repair", *opts(tmp_path))
-    assert "dropped 2 images whose vectors fail their checksum" in r.output
+    assert "dropped 1 images whose vectors fail their checksum" in r.output
     r = cli("index", imgs, *opts(tmp_path))
-    assert r.exit_code == 0 and "model 2" in r.output, r.output
+    assert r.exit_code == 0 and "model 1" in r.output, r.output
     assert_same(snapshot(tmp_path / "c.db"), want, "after repair")
     assert cli("verify", *opts(tmp_path)).exit_code == 0
 
@@ -191,6 +197,7 @@ def test_legacy_catalog_gets_checksums_on_upgrade(tmp_path):
     with con:
         con.execute("update images set vector_crc = null")
     con.close()
+    fakes.reseal(tmp_path / "c.db")  # as an older cbir wrote them: no vector checksums
     r = cli("verify", *opts(tmp_path))
     assert r.exit_code == 0 and "5 vectors have no checksum yet" in r.output
     r = cli("verify", "--repair", *opts(tmp_path))
