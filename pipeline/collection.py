@@ -38,12 +38,18 @@ class Collection:
         self.index_dir = Path(index_dir)
         self.writer = writer
         self.vectors_path = vectors.vectors_path(catalog_path)
+        # The catalog's own int8 model (embed_openvino.keep): catalog.db -> catalog.models/
+        self.models_dir = self.vectors_path.with_suffix(".models")
         self._db = db
         self._local = threading.local()
         self._local.db = db
         self._rows_lock = threading.Lock()
         self._index_lock = threading.Lock()  # loading an index maps rows: two locks, no deadlock
         self._rows: tuple[int, np.ndarray] | None = None
+        self._damaged_lock = threading.Lock()
+        self._damaged: tuple[int, np.ndarray] | None = None  # (generation, bad ids), all checked
+        self._rows_checked: int | None = None  # the generation whose images rows all passed
+        self._reported: set[int] = set()  # damaged ids already told on stderr
         self._indexes: dict[tuple[str, int, bool], tuple[Any, dict[str, Any]]] = {}
         self.repaired: list[str] = []  # what the writer's repair did on opening
         if check and not writer and self.dim:
@@ -78,7 +84,24 @@ class Collection:
         return catalog.fingerprint(self.db)
 
     def indexed_ids(self) -> np.ndarray:
+        """The indexed ids, once every images row passed its checksum (`check_rows`)."""
+        self.check_rows()
         return catalog.indexed_ids(self.db)
+
+    def check_rows(self) -> None:
+        """Every images row against its checksum, once per generation (cached): a damaged
+        one is refused in one line (DamagedRow, exit 1) by whatever reads all rows, since
+        a damaged status or id would leave an image out unseen.
+
+        One SQL pass calling `catalog.row_crc` per row (measured in docs/architecture.md).
+        """
+        generation = self.generation
+        if self._rows_checked == generation:
+            return
+        bad = catalog.bad_rows(self.db, "images")
+        if bad:
+            raise catalog.DamagedRow(catalog.rows_damage_text(bad))
+        self._rows_checked = generation
 
     # --- the vectors --------------------------------------------------------------------
 
@@ -91,8 +114,87 @@ class Collection:
             return self._rows[1]
 
     def vectors(self, ids) -> np.ndarray:
-        """Copies of the stored vectors of `ids` (committed ids only)."""
+        """Copies of the stored vectors of `ids` (committed ids only), unchecked: rank only
+        with ids that `damaged_among` / `usable_ids` let through, or use `checked_vectors`."""
         return vectors.take(self.rows(), ids)
+
+    # --- damaged rows: a row that fails its CRC-32 is treated as missing ----------------
+
+    def damaged(self, notice: bool = True) -> np.ndarray:
+        """Sorted indexed ids whose vector row fails its recorded CRC-32; reads every row.
+
+        Checked once per generation and cached, so a process pays it once (0.3 to 0.55 s
+        per 100,000 rows of 2048 floats from the page cache) until the catalog changes.
+        """
+        generation = self.generation
+        with self._damaged_lock:
+            if self._damaged is None or self._damaged[0] != generation:
+                ids = self.indexed_ids()  # before the rows are mapped: rows() covers them
+                bad: list[int] = []
+                if self.dim and len(ids):
+                    bad = vectors.damaged(self.rows(), ids, catalog.vector_crcs(self.db))
+                self._damaged = (generation, np.asarray(bad, dtype=np.int64))
+            found = self._damaged[1]
+        if notice:
+            self._notice(found)
+        return found
+
+    def damaged_among(self, ids, notice: bool = True) -> np.ndarray:
+        """The ids among `ids` whose row fails its CRC-32 (sorted): only those rows are read,
+        unless every row was already checked at this generation. Cheap enough per query
+        (a CRC-32 of 8 KiB per candidate); `notice` tells new ones on stderr once."""
+        ids = np.unique(np.asarray(ids, dtype=np.int64))
+        cached = self._damaged
+        if cached is not None and cached[0] == self.generation:
+            found = np.intersect1d(ids, cached[1])
+        else:
+            crcs = catalog.vector_crcs(self.db, ids)
+            known = np.asarray(sorted(crcs), dtype=np.int64)  # indexed, so within the rows
+            bad = vectors.damaged(self.rows(), known, crcs) if len(known) else []
+            found = np.asarray(bad, dtype=np.int64)
+        if notice:
+            self._notice(found)
+        return found
+
+    def usable_ids(self) -> np.ndarray:
+        """Indexed ids whose vector row passes its checksum: what a full scan may rank."""
+        bad = self.damaged()
+        return np.setdiff1d(self.indexed_ids(), bad) if len(bad) else self.indexed_ids()
+
+    def checked_vectors(self, ids) -> np.ndarray:
+        """Copies of the stored vectors of `ids`, refused in one line if one fails its CRC."""
+        ids = np.asarray(ids, dtype=np.int64)
+        bad = self.damaged_among(ids, notice=False)
+        if len(bad):
+            raise CbirError(damage_text(bad.tolist()), exit_code=1)
+        return self.vectors(ids)
+
+    def refuse_damaged(self) -> None:
+        """Refuse in one line (exit 1) if any indexed row fails its CRC-32: for answers
+        about the whole collection (evaluation figures, a learned whitening), where
+        leaving a row out would be another answer."""
+        bad = self.damaged(notice=False)
+        if len(bad):
+            raise CbirError(damage_text(bad.tolist()), exit_code=1)
+
+    def _notice(self, bad: np.ndarray) -> None:
+        """One line on stderr for damaged rows not yet told (readers; writers drop them).
+
+        A search meets damaged candidates a few at a time (searching deeper finds more), so
+        the first one found has every row checked (`damaged`, once per generation) and
+        the one line names them all.
+        """
+        if self.writer or not len(bad):
+            return
+        with self._damaged_lock:
+            if not set(bad.tolist()) - self._reported:
+                return
+        every = self.damaged(notice=False)
+        with self._damaged_lock:
+            new = set(every.tolist()) - self._reported
+            self._reported |= new
+        if new:
+            log.warning("left out of results: %s", damage_text(every.tolist()))
 
     # --- the model ----------------------------------------------------------------------
 
@@ -206,44 +308,83 @@ def reading(catalog_path: str | Path, index_dir: str | Path, check: bool = True)
 
 @contextmanager
 def writing(
-    catalog_path: str | Path, index_dir: str | Path, create: bool = True
+    catalog_path: str | Path,
+    index_dir: str | Path,
+    create: bool = True,
+    drop_lost: bool = False,
 ) -> Iterator[Collection]:
-    """Hold the write lock, open to write, repair leftovers; closed on exit."""
+    """Hold the write lock, open to write, repair leftovers; closed on exit.
+
+    A vector file shorter than the committed rows is refused (see `repair`) unless
+    `drop_lost` (only `verify --repair`) drops the rows whose vectors are gone.
+    """
     with catalog.write_lock(catalog_path):
+        refuse_lost_catalog(catalog_path)
         db = catalog.open_writer(catalog_path, create=create)
         coll = Collection(catalog_path, index_dir, True, db)
-        coll.repaired = repair(coll)
+        coll.repaired = repair(coll, drop_lost)
         try:
             yield coll
         finally:
             db.conn.close()
 
 
-def repair(coll: Collection) -> list[str]:
+def refuse_lost_catalog(catalog_path: str | Path) -> None:
+    """Refuse a 0-byte catalog beside a non-empty vector file, before anything is written.
+
+    A new catalog would adopt the vector file and cut it to its 0 committed rows; an
+    empty file where a catalog was is a lost catalog (a failed copy, a full disk), not a
+    new one. (A missing catalog is a new one: its old vector file is cut.)
+    """
+    real = Path(os.path.realpath(catalog_path))
+    vec = vectors.vectors_path(real)
+    try:
+        empty = real.stat().st_size == 0
+        wal = Path(f"{real}-wal")  # a WAL may hold what the main file does not yet
+        empty = empty and not (wal.exists() and wal.stat().st_size)
+        size = vec.stat().st_size if empty and vec.exists() else 0
+    except OSError:
+        return  # no catalog yet, or one the opening reports on
+    if size:
+        raise CbirError(
+            f"catalog {catalog_path} is empty (0 bytes) but its vector file {vec} holds "
+            f"{size:,} bytes of vectors: the catalog was lost or truncated. Restore it from a "
+            f"backup, or move {vec.name} away to start a new catalog; nothing was changed"
+        )
+
+
+def repair(coll: Collection, drop_lost: bool = False) -> list[str]:
     """Bring catalog and vector file back to one consistent state (writers); returns what was done.
 
-    - rows at or past `next_id` (a commit torn by an older cbir) or past the end of
-      the vector file (their vectors were cut) are dropped, so their files are
-      indexed again;
+    Only what an interrupted job leaves is repaired on every open:
+    - rows at or past `next_id` (a commit torn by an older cbir) are dropped, so
+      their files are indexed again;
     - vector bytes past `next_id` (a batch fsynced but never committed) are cut;
     - indexed rows without a vector checksum (catalogs older than schema 3) get one;
     - runs left 'running' by a killed job are marked 'interrupted'.
+
+    A vector file shorter than `next_id` rows is never a torn write (vectors are
+    fsynced before the rows that point at them are committed): it is damage, refused
+    in one line with nothing changed, unless `drop_lost` (`verify --repair`) drops
+    the rows past its end (so their files are indexed again) and pads it back.
     """
     db, vec = coll.db, coll.vectors_path
     done: list[str] = []
-    # Holding the lock, any run still 'running' belongs to a job that was killed.
-    catalog.close_dead_runs(db)
     dim = coll.dim
-    if not dim:
-        return done
-    committed = coll.next_id
-    indexed = len(coll.indexed_ids())
+    committed = coll.next_id if dim else 0
+    indexed = len(catalog.indexed_ids(db)) if dim else 0  # damaged rows: dropped or refused later
     if not vec.exists() and indexed:
         raise CbirError(
             f"vector file {vec} is missing but the catalog has {indexed} indexed images: "
             "restore it beside the catalog, or start a new catalog",
             exit_code=1,
         )
+    if dim and not drop_lost:
+        vectors.check(vec, dim, committed)  # before anything is written: refused, untouched
+    # Holding the lock, any run still 'running' belongs to a job that was killed.
+    catalog.close_dead_runs(db)
+    if not dim:
+        return done
     on_disk = vectors.row_count(vec, dim)
     durable = min(committed, on_disk)
     dropped = catalog.drop_rows_from(db, durable)
@@ -264,6 +405,11 @@ def repair(coll: Collection) -> list[str]:
         if cut:
             done.append(f"cut {cut} uncommitted vector rows left by an interrupted job")
     missing = [i for i, c in catalog.vector_crcs(db).items() if c is None]
+    unkeyed = list(db.query("select id, path from images where file_key is null"))
+    if missing or unkeyed:  # in a sealed catalog only damage leaves these empty: not re-sealed
+        bad = set(catalog.bad_rows(db, "images"))
+        missing = [i for i in missing if i not in bad]
+        unkeyed = [r for r in unkeyed if r["id"] not in bad]
     if missing:
         rows = coll.rows()
         ids = np.asarray(sorted(missing), dtype=np.int64)
@@ -273,7 +419,6 @@ def repair(coll: Collection) -> list[str]:
             crcs.update(zip(chunk.tolist(), vectors.crc(rows[chunk]), strict=True))
         catalog.set_vector_crcs(db, crcs)
         done.append(f"recorded checksums of {len(crcs)} vectors (catalog from an older cbir)")
-    unkeyed = list(db.query("select id, path from images where file_key is null"))
     if unkeyed:
         # '' marks a file that is gone, so it is not looked for again at every open.
         catalog.set_file_keys(db, {r["id"]: file_key(r["path"]) or "" for r in unkeyed})
@@ -295,9 +440,37 @@ def file_key(path: str) -> str | None:
     return f"{st.st_dev}:{st.st_ino}"
 
 
-def damaged_ids(coll: Collection) -> list[int]:
-    """Indexed ids whose vector row no longer matches its checksum (reads every row)."""
-    ids = coll.indexed_ids()
-    if not coll.dim or not len(ids):
-        return []
-    return vectors.damaged(coll.rows(), ids, catalog.vector_crcs(coll.db))
+def damage_text(bad: list[int]) -> str:
+    """One line on damaged rows: how many, which, and how to repair them."""
+    if len(bad) == 1:
+        return (
+            f"the stored vector of id {bad[0]} fails its checksum (the vector file is damaged); "
+            "'cbir verify --repair' drops it so that the next 'cbir index' embeds it again"
+        )
+    return (
+        f"{len(bad)} stored vectors (ids {bad[:5]}) fail their checksum (the vector file is "
+        "damaged); 'cbir verify --repair' drops them so that the next 'cbir index' embeds "
+        "them again"
+    )
+
+
+def drop_damaged(coll: Collection) -> list[int]:
+    """Drop the images whose vector row fails its checksum (writers), so that the next
+    job over their files embeds them again; returns their ids.
+
+    Images whose catalog row fails its checksum are dropped first (their path, label or
+    status cannot be trusted, so no vector row of theirs either), told in `coll.repaired`
+    and on stderr: their files are found as new by the next job and indexed again.
+    """
+    if bad_rows := catalog.bad_rows(coll.db, "images"):
+        catalog.drop_damaged_rows(coll.db, bad_rows)
+        line = (
+            f"dropped {len(bad_rows)} images whose catalog rows fail their checksum "
+            f"(ids {bad_rows[:5]}); the next 'cbir index' of their folders indexes them again"
+        )
+        coll.repaired.append(line)
+        log.warning("repaired %s: %s", coll.path, line)
+    bad = coll.damaged().tolist()
+    if bad:
+        catalog.delete_rows(coll.db, bad)
+    return bad

@@ -9,7 +9,6 @@ benchmarks (a ground-truth CSV of query,relevant pairs) are in `instance_eval`.
 
 from __future__ import annotations
 
-import csv
 import os
 import sys
 from collections.abc import Callable
@@ -27,7 +26,7 @@ from pipeline.decode import DecodeError, decode_file
 from pipeline.embed import l2_normalize
 from pipeline.errors import CbirError
 from pipeline.ranking import ranked, rerank_from
-from pipeline.scan import read_label_csv, scan
+from pipeline.scan import csv_columns, read_label_csv, scan
 
 # Rankings held at once while evaluating: queries per block x database size.
 # 4M entries of (id, score) is about 50 MB, whatever the collection size.
@@ -41,8 +40,9 @@ class Queries:
     ids: list[int | None]  # catalog ids for leave-one-out, else None
 
 
-def load_queries(db, source: str | None, leave_one_out: bool) -> Queries:
-    """Labelled queries from a manifest CSV, a folder, or the catalog itself."""
+def load_queries(db, source: str | None, leave_one_out: bool, usable=None) -> Queries:
+    """Labelled queries from a manifest CSV, a folder, or the catalog itself (its `usable`
+    ids, when given: those whose vectors pass their checksum)."""
     if leave_one_out:
         rows = list(
             db.query(
@@ -50,14 +50,16 @@ def load_queries(db, source: str | None, leave_one_out: bool) -> Queries:
                 "and label is not null order by id"
             )
         )
+        if usable is not None:
+            keep = set(np.asarray(usable).tolist())
+            rows = [r for r in rows if r["id"] in keep]
         return Queries(
             [r["path"] for r in rows], [r["label"] for r in rows], [r["id"] for r in rows]
         )
     if not source:
         raise CbirError("give a query set (manifest CSV or folder) or --leave-one-out")
     if source.lower().endswith(".csv"):
-        with open(source, newline="") as f:
-            has_split = "split" in (csv.DictReader(f).fieldnames or [])
+        has_split = "split" in csv_columns(source, "query")
         labelled = read_label_csv(source, split="query" if has_split else "")
         pairs = [(p, lab) for p, lab in labelled.items() if lab]
     elif os.path.isdir(source):
@@ -84,6 +86,21 @@ def _pixels(
     if not out:
         return np.zeros((0, 224, 224, 3), np.uint8), ok
     return descriptor.batch(out), ok
+
+
+def unusable_queries(paths: list[str], ok: list[int]) -> str:
+    """One line naming the query files (all but the positions `ok`) that cannot be used:
+    those missing as not found, the others as undecodable (up to 3 names each)."""
+    good = set(ok)
+    bad = [p for i, p in enumerate(paths) if i not in good]
+    gone = [p for p in bad if not os.path.exists(p)]
+    broken = [p for p in bad if os.path.exists(p)]
+    parts = []
+    for what, names in (("not found", gone), ("could not be decoded", broken)):
+        if names:
+            more = f" and {len(names) - 3} more" if len(names) > 3 else ""
+            parts.append(f"{len(names)} {what} ({', '.join(names[:3])}{more})")
+    return f"{len(bad)} of {len(paths)} query images cannot be used: {'; '.join(parts)}"
 
 
 def decode_shape(settings: Settings) -> dict[str, Any]:
@@ -160,6 +177,8 @@ def evaluate(
         return evaluate_instances(
             coll, settings, groundtruth, method, index_name, hybrid_weight, embed
         )
+    if source and leave_one_out:  # one of them would be silently ignored
+        raise CbirError("give either QUERIES or --leave-one-out, not both")
     if index_name and index_name != indexes.EXACT and method != "resnet50":
         raise CbirError("--index evaluates the catalog's ResNet50 vectors: use --method resnet50")
     if settings.rotations != "0":
@@ -169,6 +188,7 @@ def evaluate(
         )
     how = rerank_from(settings)
     db = coll.db
+    coll.refuse_damaged()  # a figure over fewer images than indexed is a wrong answer
     ids = coll.indexed_ids()
     if not len(ids):
         raise CbirError("the catalog has no indexed images")
@@ -178,7 +198,7 @@ def evaluate(
     if not any(db_labels):
         raise CbirError("the catalog has no labels: index with --labels folder or a label CSV")
     deep_db = coll.vectors(ids)
-    queries = load_queries(db, source, leave_one_out)
+    queries = load_queries(db, source, leave_one_out, ids)
     max_pixels = settings.max_pixels
 
     db_desc, db_ok = descriptors(
@@ -193,7 +213,7 @@ def evaluate(
         method, queries.paths, q_deep, embed, max_pixels, hybrid_weight, decode_shape(settings)
     )
     if len(q_ok) < len(queries.paths):
-        raise CbirError(f"{len(queries.paths) - len(q_ok)} query images could not be decoded")
+        raise CbirError(unusable_queries(queries.paths, q_ok))
     db_ids = ids[db_ok]
     db_labels = db_labels[db_ok]
 

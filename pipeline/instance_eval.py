@@ -208,6 +208,7 @@ def evaluate_instances(
     if len(angles) > 1 and method != "resnet50":
         raise CbirError("--rotations turns the queries for the model: use --method resnet50")
     how = rerank_from(settings)
+    coll.refuse_damaged()  # a figure over fewer images than indexed is a wrong answer
     ids = coll.indexed_ids()
     if not len(ids):
         raise CbirError("the catalog has no indexed images")
@@ -225,7 +226,9 @@ def evaluate_instances(
         )  # fmt: skip
         undecoded = set(truth.queries) - set(ids[ok].tolist())
         if undecoded:
-            raise CbirError(f"{len(undecoded)} query images could not be decoded")
+            q_paths = [paths[q] for q in truth.queries]
+            usable = [i for i, q in enumerate(truth.queries) if q not in undecoded]
+            raise CbirError(evaluation.unusable_queries(q_paths, usable))
         index, lookup = evaluation.flat_ranker(desc, ids[ok])
     n = int(index.ntotal)
 

@@ -14,6 +14,7 @@ are cut on open.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -29,7 +30,9 @@ from pipeline.config import Settings
 from pipeline.decode import Decoded, DecodeError, decode_file
 from pipeline.embed import Embedder
 from pipeline.errors import CbirError
-from pipeline.scan import ScannedFile, scan
+from pipeline.scan import Found, ScannedFile, find
+
+log = logging.getLogger("cbir")
 
 
 @dataclass
@@ -218,8 +221,12 @@ def run_index(
     progress: Callable[[int], Any] | None = None,
     on_total: Callable[[int], Any] | None = None,
     engine: Engine | None = None,
+    found: Found | None = None,
 ) -> Summary:
     """Index `roots` into a collection opened for writing; returns what was done.
+
+    `found` is what `scan.find` found under `roots`, scanned before the collection was
+    opened (so bad input never touches the catalog); without it, `roots` are scanned here.
 
     `load_model(paths to index)` is called only when some file needs embedding
     (it checks the model against the catalog's family and producer, and may
@@ -229,11 +236,15 @@ def run_index(
     """
     from pipeline import autoindex
 
+    if found is None:
+        found = find(roots, settings.labels, settings.split, allow_empty=True)
     summary = Summary()
     db = coll.db
     run_id = catalog.start_run(db, "index", {**settings.as_dict(), "roots": roots})
     try:
-        _index_into(coll, roots, load_model, settings, summary, run_id, progress, on_total, engine)
+        _index_into(
+            coll, roots, found, load_model, settings, summary, run_id, progress, on_total, engine
+        )
         if coll.dim and len(coll.indexed_ids()):
             autoindex.build_and_save(coll, indexes.EXACT, indexes.EXACT_FACTORY)
     except BaseException:
@@ -245,11 +256,23 @@ def run_index(
     return summary
 
 
-def _index_into(coll, roots, load_model, settings, summary, run_id, progress, on_total, engine):
+def _index_into(
+    coll, roots, found, load_model, settings, summary, run_id, progress, on_total, engine
+):
     db = coll.db
-    missing: list[str] = []
-    scanned = list(scan(roots, labels=settings.labels, split=settings.split, missing=missing))
-    summary.scanned, summary.missing = len(scanned), len(missing)
+    # A row that fails its checksum is dropped first (as 'verify --repair' does), so its
+    # file is planned as new and embedded again, and never copied as a duplicate's vector.
+    bad = collection.drop_damaged(coll)
+    if bad:
+        log.warning(
+            "repaired %s: dropped %d images whose vectors fail their checksum (ids %s); "
+            "those under the folders of this job are embedded again",
+            coll.path,
+            len(bad),
+            bad[:5],
+        )
+    scanned = found.files
+    summary.scanned, summary.missing = len(scanned), found.missing
     plan = _plan(db, scanned, settings.retry_failed)
     summary.unchanged, summary.aliases = plan.unchanged, plan.aliases
     if plan.relabel:
@@ -356,7 +379,12 @@ class _Batches:
 
 
 def _prune(db, roots: list[str], seen: set[str]) -> int:
-    """Drop rows of files under `roots` that the scan no longer found."""
+    """Drop rows of files under `roots` that the scan no longer found and that are gone.
+
+    A file root stands for its folder and a manifest for the CSV's folder, so a file
+    there that this scan did not list (a sibling, a row of another split) still exists
+    and keeps its row: --prune removes files gone from disk, not files left unnamed.
+    """
     prefixes = []
     for root in roots:
         root = os.path.abspath(root)
@@ -367,7 +395,9 @@ def _prune(db, roots: list[str], seen: set[str]) -> int:
     gone = [
         row["id"]
         for path, row in catalog.rows_by_path(db).items()
-        if path not in seen and any(path.startswith(p) for p in prefixes)
+        if path not in seen
+        and any(path.startswith(p) for p in prefixes)
+        and not os.path.exists(path)
     ]
     catalog.delete_rows(db, gone)
     return len(gone)

@@ -10,6 +10,10 @@ space: its transform is applied to the stored candidates and the query.
 Re-ranking (database-side augmentation, alpha query expansion, relevance
 feedback) happens here too, on a shortlist of candidates, so it works with
 every index and is the same code that `cbir evaluate` measures.
+
+A candidate whose stored vector fails its checksum (`damaged`) is treated as
+missing: the index is searched deeper by as many as were found, so the ranking
+is the one the collection would give without them.
 """
 
 from __future__ import annotations
@@ -29,6 +33,8 @@ from pipeline.errors import CbirError
 _DEFAULT = Settings()
 
 Lookup = Callable[[np.ndarray], np.ndarray]  # ids -> (len(ids), d) stored vectors
+# ids -> the sorted ids among them whose stored vector is damaged (Collection.damaged_among)
+Damaged = Callable[[np.ndarray], np.ndarray]
 
 
 class SearchIndex(Protocol):
@@ -81,8 +87,12 @@ def ranked(
     k: int,
     how: Rerank = Rerank(),
     refine: int = 1,
+    damaged: Damaged | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """(ids, scores), each (q, <=k), best first, -1 padded.
+
+    `damaged` names the candidates whose stored vectors fail their checksum: they
+    are left out of the results and of re-ranking, as if they were not indexed.
 
     Scores are recomputed from the stored vectors: exact cosines of query and
     image. With re-ranking they are the cosines between the expanded query and
@@ -100,8 +110,8 @@ def ranked(
         # One query gains nothing from OpenMP threads and, on a busy machine,
         # loses milliseconds to their start-up and spinning.
         with single_thread():
-            return _ranked(index, lookup, queries, k, how, refine)
-    return _ranked(index, lookup, queries, k, how, refine)
+            return _ranked(index, lookup, queries, k, how, refine, damaged)
+    return _ranked(index, lookup, queries, k, how, refine, damaged)
 
 
 @contextmanager
@@ -114,14 +124,36 @@ def single_thread():
         faiss.omp_set_num_threads(before)
 
 
-def _ranked(index, lookup, queries, k, how, refine):
+def _search(
+    index: SearchIndex, x: np.ndarray, k: int, ntotal: int, damaged: Damaged | None
+) -> np.ndarray:
+    """The ids of the top k of each row of `x` (-1 padded), damaged ones left out: the
+    index is searched again, deeper by the damaged ones found, until k good ones remain."""
+    skip = np.zeros(0, dtype=np.int64)
+    while True:
+        depth = min(k + len(skip), ntotal)
+        _, got = index.search(x, depth)
+        if damaged is None:
+            return got
+        new = np.setdiff1d(damaged(got[got >= 0]), skip)
+        skip = np.union1d(skip, new)
+        if not len(new) or depth == ntotal:
+            break
+    if not len(skip):
+        return got
+    got = np.where(np.isin(got, skip), -1, got)
+    order = np.argsort(got < 0, axis=1, kind="stable")  # good ones first, in their order
+    return np.take_along_axis(got, order, axis=1)[:, :k]
+
+
+def _ranked(index, lookup, queries, k, how, refine, damaged=None):
     ntotal = int(index.ntotal)
     # refine > 1: compressed indexes (PQ) return refine * k candidates, which the
     # exact re-scoring below puts in their true order.
     first_k = min(max(k * max(1, refine), how.shortlist if how.methods else 0), ntotal)
     if first_k == 0:
         return np.full((len(queries), 0), -1), np.zeros((len(queries), 0), np.float32)
-    _, cand = index.search(queries, first_k)
+    cand = _search(index, queries, first_k, ntotal, damaged)
     found = np.unique(cand[cand >= 0])
     raw = lookup(found)
     # A whitened index scores in its whitened space: the exact scores below are
@@ -133,7 +165,7 @@ def _ranked(index, lookup, queries, k, how, refine):
         lookup = _through(lookup, space)
     vecs = space(raw) if space is not None else raw
     if "dba" in how.methods:
-        _, nb = index.search(raw, min(how.n, ntotal))
+        nb = _search(index, raw, min(how.n, ntotal), ntotal, damaged)
         nb_flat = np.unique(nb[nb >= 0])
         nb_vecs = lookup(nb_flat)
         pos = np.searchsorted(nb_flat, np.where(nb >= 0, nb, nb_flat[0]))
@@ -220,7 +252,7 @@ def search_vectors(
     `groups` (rows per query, e.g. a query's rotations) merges consecutive rows by
     `best_over`: one list per group.
     """
-    ids, scores = ranked(index, coll.vectors, queries, k, how, refine)
+    ids, scores = ranked(index, coll.vectors, queries, k, how, refine, coll.damaged_among)
     if groups is not None:
         ids, scores = merge_variants(ids, scores, groups)
     rows = catalog.lookup(coll.db, np.unique(ids[ids >= 0]))

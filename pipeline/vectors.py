@@ -5,7 +5,8 @@ fsynced *before* the catalog rows that point to them are committed; the
 catalog's `next_id` says how many rows are committed, and bytes past it are
 leftovers of an interrupted job that `recover` cuts off. Each indexed row's
 CRC-32 is stored in the catalog with the row, so damage to the file is found
-(`verify`, and every full read that builds an index) instead of served.
+instead of served: `verify`, every index build, and every reader (through
+`Collection.damaged` / `damaged_among`) check the rows they use.
 """
 
 from __future__ import annotations
@@ -50,14 +51,18 @@ def row_count(path: Path, dim: int) -> int:
 def check(path: Path, dim: int, committed_rows: int) -> int:
     """Fail loudly if the file is shorter than the catalog says; return its size.
 
-    Only a lost, truncated or replaced file can cause that.
+    Only a lost, truncated or replaced file can cause that: rows are fsynced before
+    the catalog commits them, so no interrupted job leaves a short file. Readers and
+    writers alike refuse it (`verify --repair` alone drops what is gone).
     """
     size = os.path.getsize(path) if path.exists() else 0
     if size < committed_rows * dim * 4:
         raise CbirError(
             f"vector file {path} holds {size // (dim * 4)} rows but the catalog has "
-            f"committed {committed_rows}: the file was truncated or replaced; "
-            "'cbir verify --repair' drops the images whose vectors are gone so they are indexed again",
+            f"committed {committed_rows}: the file was truncated or replaced; nothing was "
+            "changed. Restore it from a backup, or run 'cbir verify --repair', which drops "
+            "the images whose vectors are gone so that the next 'cbir index' embeds their "
+            "files again",
             exit_code=1,
         )
     return size
@@ -95,21 +100,40 @@ def append(path: Path, start_row: int, vectors: np.ndarray) -> None:
         fsync_dir(path.parent)
 
 
+CHECK_ROWS = 4096  # rows copied at a time to check their CRCs (32 MiB at d = 2048)
+
+
 def crc(rows: np.ndarray) -> list[int]:
-    """CRC-32 of each float32 row's bytes (catches any bit flip, not only non-unit vectors)."""
+    """CRC-32 of each float32 row's bytes (catches any bit flip, not only non-unit vectors).
+
+    zlib reads each row in place through one memoryview: no per-row copy.
+    """
     rows = np.ascontiguousarray(rows, dtype=np.float32)
-    return [zlib.crc32(r.tobytes()) for r in rows]
+    if rows.size == 0:
+        return [0] * len(rows)
+    step = rows.shape[1] * 4
+    flat = memoryview(rows).cast("B")
+    return [zlib.crc32(flat[i : i + step]) for i in range(0, len(rows) * step, step)]
 
 
 def damaged(rows: np.ndarray, ids: np.ndarray, crcs: dict[int, int | None]) -> list[int]:
-    """Ids among `ids` whose stored row no longer matches its recorded CRC (None = unknown)."""
+    """Ids among `ids` whose stored row no longer matches its recorded CRC (None = unknown).
+
+    `rows` may be a memory map of any size: CHECK_ROWS rows are in memory at a time,
+    and a run of consecutive ids is read as a slice (no gather copy).
+    """
+    ids = np.asarray(ids, dtype=np.int64)
     bad: list[int] = []
-    for start in range(0, len(ids), 65536):
-        chunk = ids[start : start + 65536]
-        for i, c in zip(chunk, crc(rows[chunk]), strict=True):
-            want = crcs.get(int(i))
+    for start in range(0, len(ids), CHECK_ROWS):
+        chunk = ids[start : start + CHECK_ROWS]
+        if (np.diff(chunk) == 1).all():  # consecutive ids: a view of the rows, no copy
+            block = rows[int(chunk[0]) : int(chunk[-1]) + 1]
+        else:
+            block = rows[chunk]
+        for i, c in zip(chunk.tolist(), crc(block), strict=True):
+            want = crcs.get(i)
             if want is not None and want != c:
-                bad.append(int(i))
+                bad.append(i)
     return bad
 
 

@@ -110,7 +110,7 @@ def fixed(coll, monkeypatch) -> Path:
     number_of = {i: n for n, i in id_of.items()}
     all_ids = np.array(sorted(id_of.values()))
 
-    def fixed_ranked(index, lookup, queries, k, how, refine=1):
+    def fixed_ranked(index, lookup, queries, k, how, refine=1, damaged=None):
         assert k == N and index.ntotal == N  # the whole catalog is ranked
         stored = lookup(all_ids)
         ids = np.full((len(queries), k), -1, np.int64)

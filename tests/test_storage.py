@@ -99,6 +99,15 @@ def test_vector_file_append_recover_and_check(tmp_path):
         vectors.read(path, dim, 3, [3])
 
 
+def _rows_and_meta(path: Path) -> tuple[list, list]:
+    """Every images row and meta value, as stored (no vector file needed)."""
+    with sqlite3.connect(path) as con:
+        return (
+            con.execute("select * from images order by id").fetchall(),
+            con.execute("select * from meta order by key").fetchall(),
+        )
+
+
 def test_collection_repairs_torn_rows_and_cut_vectors(tmp_path, monkeypatch):
     import pipeline
     from pipeline import api
@@ -111,7 +120,14 @@ def test_collection_repairs_torn_rows_and_cut_vectors(tmp_path, monkeypatch):
     vec = vectors.vectors_path(tmp_path / "c.db")
     with open(vec, "r+b") as f:  # the last two vectors were cut
         f.truncate(4 * 2048 * 4)
-    with collection.writing(tmp_path / "c.db", tmp_path / "i", create=False) as coll:
+    before = _rows_and_meta(tmp_path / "c.db")
+    # Vectors are fsynced before their rows commit, so a short file is damage: every
+    # writer refuses it, changing nothing (it used to drop the rows and pad the file).
+    with pytest.raises(CbirError, match="truncated or replaced.*verify --repair"):
+        collection.writing(tmp_path / "c.db", tmp_path / "i", create=False).__enter__()
+    assert vec.stat().st_size == 4 * 2048 * 4 and _rows_and_meta(tmp_path / "c.db") == before
+    # Only `verify --repair` drops the rows whose vectors are gone.
+    with collection.writing(tmp_path / "c.db", tmp_path / "i", False, drop_lost=True) as coll:
         assert any("dropped 2 catalog rows" in line for line in coll.repaired)
         assert coll.indexed_ids().tolist() == [0, 1, 2, 3]
         assert vectors.row_count(vec, 2048) == coll.next_id == 6  # padded: ids never reused
