@@ -9,6 +9,7 @@ clients that keep them open (the web server).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
@@ -20,14 +21,25 @@ from typing import Any
 
 import numpy as np
 
-from pipeline import catalog, config, descriptor, indexes, jobs, ranking, rerank
+from pipeline import (
+    catalog,
+    config,
+    descriptor,
+    errors,
+    factories,
+    index_files,
+    indexes,
+    jobs,
+    ranking,
+    rerank,
+)
 from pipeline.collection import Collection, reading, writing
 from pipeline.config import DEFAULTS, Settings, load_settings
 from pipeline.decode import DecodeError, decode_bytes, decode_file
 from pipeline.descriptor import Descriptor
 from pipeline.embed import Embedder, load_embedder
 from pipeline.errors import CbirError, NotFoundError
-from pipeline.scan import scan
+from pipeline.scan import find, no_images, scan
 
 log = logging.getLogger("cbir")
 
@@ -131,25 +143,66 @@ def _best_runtime() -> str:
     return "keras"
 
 
-def calibration_for(s: Settings, coll: Collection | None, todo: list[str]) -> list[str]:
-    """int8 calibration images: the catalog's recorded ones, a folder the user names, or a
-    seeded sample of the images being indexed (or of the catalog's)."""
-    from pipeline.embed_openvino import choose_calibration
+def calibration_for(s: Settings, coll: Collection | None, todo: list[str]):
+    """int8 calibration (`embed_openvino.Calibration`): a folder the user names, else the
+    catalog's recorded one, else a seeded sample of the images being indexed (or of the
+    catalog's).
 
-    if coll is not None and coll.calibration_paths:
-        return coll.calibration_paths
+    A recorded calibration is named by the id recorded in the catalog's producer, so its
+    model (kept beside the catalog, or in the model cache) loads without reading an
+    image; its image paths are only read if the model must be built again. A folder
+    (`--calibration DIR`) holding the recorded images (moved, say) gives them back by
+    content; any other folder calibrates a new model on its images.
+    """
+    from pipeline.embed_openvino import Calibration, choose_calibration
+
+    kept = str(coll.models_dir) if coll is not None else None
+    recorded = (coll.producer or {}).get("calibration") if coll is not None else None
     if s.calibration:
         paths = [f.path for f in scan([s.calibration], labels="none")]
         if not paths:
             raise CbirError(f"no calibration images under {s.calibration}")
-        return choose_calibration(paths)
+        found = _recorded_among(coll, paths) if recorded else None
+        if found:
+            return Calibration(recorded, found, kept)
+        return Calibration.of(choose_calibration(paths), kept)
+    if recorded:
+        return Calibration(recorded, tuple(coll.calibration_paths), kept)
     if not todo and coll is not None:
         todo = [r["path"] for r in catalog.lookup(coll.db, coll.indexed_ids()).values()]
     if not todo:
         raise CbirError(
             "int8 needs calibration images: index some first, or pass --calibration DIR"
         )
-    return choose_calibration(todo)
+    return Calibration.of(choose_calibration(todo), kept)
+
+
+def _recorded_among(coll: Collection, paths: list[str]) -> tuple[str, ...] | None:
+    """The catalog's recorded calibration images found by content among `paths`, in their
+    recorded order (the order they were quantised in); None unless every one is there.
+
+    Their sizes and sha256s are the catalog's rows of the recorded paths; only files of a
+    wanted size are read. `embed_openvino` checks the result against the recorded id.
+    """
+    from pipeline.modelcache import file_sha256
+
+    rows = catalog.rows_by_path(coll.db)
+    recorded = coll.calibration_paths
+    wanted = {p: rows[p]["sha256"] for p in recorded if p in rows and rows[p]["sha256"]}
+    if not recorded or len(wanted) != len(recorded):
+        return None
+    sizes = {rows[p]["size"] for p in recorded}
+    by_digest: dict[str, str] = {}
+    need = set(wanted.values())
+    for path in paths:
+        try:
+            if os.path.getsize(path) in sizes and (digest := file_sha256(Path(path))) in need:
+                by_digest.setdefault(digest, path)
+        except OSError:
+            continue
+    if len(by_digest) != len(need):
+        return None
+    return tuple(by_digest[wanted[p]] for p in recorded)
 
 
 def embedder_args(
@@ -159,9 +212,9 @@ def embedder_args(
     weights, _ = model_choice(s, coll)
     d = descriptor_for(s, coll)
     runtime, precision = producer_choice(s, coll)
-    calibration = calibration_for(s, coll, list(todo)) if precision == "int8" else []
+    calibration = calibration_for(s, coll, list(todo)) if precision == "int8" else ()
     return (
-        weights, batch_size or s.batch_size, d.pooling, runtime, precision, tuple(calibration), d,
+        weights, batch_size or s.batch_size, d.pooling, runtime, precision, calibration, d,
     )  # fmt: skip
 
 
@@ -172,10 +225,17 @@ def embedder_for(
     `producer_choice` pick them), checked against the catalog's family and producer.
 
     `todo` (the images a job is about to index) seeds int8 calibration on a new catalog.
+    A writer keeps a copy of an int8 model beside the catalog (`embed_openvino.keep`), so
+    the catalog never needs its calibration images, nor the model cache, again.
     """
     args = embedder_args(s, coll, batch_size, todo)
     embedder = cached_embedder(*args)
-    coll.check_embedder(embedder, s.allow_mixed, list(args[5]))
+    calibration = args[5]
+    coll.check_embedder(embedder, s.allow_mixed, list(calibration.paths) if calibration else [])
+    if coll.writer and args[3] == "openvino" and args[4] == "int8":
+        from pipeline import embed_openvino
+
+        embed_openvino.keep(coll.models_dir, args[0], "int8", calibration, args[6])
     return embedder
 
 
@@ -196,12 +256,32 @@ def index(
     roots = [str(p) for p in (list(paths) or list(s.roots))]
     if not roots:
         raise CbirError("give at least one folder, image or manifest CSV (or 'roots' in a config)")
+    # Scanned and every CSV read before the catalog is opened: bad input touches nothing.
+    # Nothing found is refused, except to prune an existing catalog (never silently: the
+    # summary counts what was pruned).
+    exists = os.path.exists(s.catalog)
+    found = find(
+        roots,
+        s.labels,
+        s.split,
+        allow_empty=s.prune and exists,
+        hint="; add --prune to drop what the catalog holds there" if exists else "",
+    )
+    if s.weights != DEFAULTS["weights"]:  # a mistyped --weights would leave an empty catalog
+        from pipeline import files
+
+        files.require_regular(s.weights, "weights", files.WEIGHTS_MAX)
     engine = None
+    cluster: Any = contextlib.nullcontext()
     if s.engine == "ray":
         from pipeline import engine_ray, raycluster
 
         raycluster.require()  # before the catalog is touched: one line, nothing written
-    with writing(s.catalog, s.index_dir) as coll:
+        if raycluster.joins(s.ray_address or None):
+            # Join first (bounded): an unreachable address is one line, nothing written.
+            # A local Ray is started only when there is something to embed.
+            cluster = raycluster.connected(s.ray_address or None)
+    with cluster, writing(s.catalog, s.index_dir) as coll:
         s = with_descriptor(s, coll)  # a catalog's recorded descriptor, unless one is given
         if s.engine == "ray":
             # The actors build the very model the driver checked against the catalog:
@@ -220,6 +300,7 @@ def index(
             progress=progress,
             on_total=on_total,
             engine=engine,
+            found=found,
         )
         if s.update_indexes:
             summary.index_notes = update_indexes(coll)
@@ -259,9 +340,13 @@ def _expand_queries(queries: list[Query]) -> list[Query]:
         elif isinstance(q, int | np.integer):
             out.append(config.check("id", int(q), spec=config.ID))
         elif os.path.isdir(q):
-            out.extend(f.path for f in scan([q], labels="none"))
+            found = [f.path for f in scan([q], labels="none")]
+            if not found:  # an answer with no queries in it would look like "no matches"
+                raise no_images([q])
+            out.extend(found)
         elif not os.path.exists(q):
-            raise CbirError(f"query not found: {q}")
+            problem = errors.path_problem(q, folder=False)  # a symlink loop, a file on the way
+            raise CbirError(f"query {problem}" if problem else f"query not found: {q}")
         else:
             out.append(os.path.abspath(q))
     return out
@@ -316,7 +401,7 @@ def search_in(
             if row is None or row["status"] != "indexed":
                 raise NotFoundError(f"no indexed image with id {q}")
             answers.append({"query": row["path"], "query_id": q})
-            vecs.append(coll.vectors([q]))
+            vecs.append(coll.checked_vectors([q]))  # a damaged row: one line, not garbage
             continue
         name = q.name if isinstance(q, Upload | Pixels) else q
         answers.append({"query": name, "query_id": None})
@@ -340,8 +425,8 @@ def search_in(
             vecs[slot] = embedded[n * len(angles) : (n + 1) * len(angles)]
     good = [i for i, v in enumerate(vecs) if v is not None]
     if relevant or not_relevant:
-        plus = coll.vectors(_known_ids(coll, relevant))
-        minus = coll.vectors(_known_ids(coll, not_relevant))
+        plus = coll.checked_vectors(_known_ids(coll, relevant))
+        minus = coll.checked_vectors(_known_ids(coll, not_relevant))
         for i in good:
             vecs[i] = np.stack([rerank.rocchio(v, plus, minus) for v in vecs[i]])
     if good:
@@ -377,7 +462,7 @@ def search(queries: list[Query] | Query | Path, config: str | None = None, **opt
             [str(q) if isinstance(q, Path) else q for q in queries],
             s,
             lambda: embedder_for(s, coll),
-            params=indexes.parse_params(options.get("params")),
+            params=factories.parse_params(options.get("params")),
             allow_stale=bool(options.get("allow_stale")),
             relevant=options.get("relevant") or (),
             not_relevant=options.get("not_relevant") or (),
@@ -427,15 +512,25 @@ def build_index(
     `save_whitening` writes the learned transform to a file. Rebuilding a
     whitened index without options whitens it again the same way.
     """
-    from pipeline import autoindex, growing
+    from pipeline import autoindex, growing, raycluster
     from pipeline import shards as sharded
     from pipeline import whitening as wh
 
     req = wh.request(whiten, whiten_dim, shrinkage, whitening, validate, save_whitening)
     s = settings_for(config, **options)
     how = sharded.sharding(1 if shards is None else shards, engine or "local", s.ray_address)
-    with writing(s.catalog, s.index_dir, create=False) as coll:
-        previous = catalog.index_record(coll.db, name)
+    cluster: Any = contextlib.nullcontext()
+    if how.engine == "ray" and raycluster.joins(how.address):
+        # Join first (bounded), as `index` does: an unreachable address is one line before
+        # the catalog is locked or anything is trained; the shard tasks reuse this Ray.
+        cluster = raycluster.connected(how.address)
+    with cluster, writing(s.catalog, s.index_dir, create=False) as coll:
+        try:
+            previous = catalog.index_record(coll.db, name)
+        except catalog.DamagedRow:
+            if name != indexes.EXACT and (update or not (factory or auto)):
+                raise  # what to rebuild cannot be read from it
+            previous = None  # built anew from the options given; its record is replaced
         prev_white = wh.split_factory(previous["factory"]) if previous else None
         if update:
             if factory or auto or params or target_recall or req:
@@ -456,11 +551,11 @@ def build_index(
         if req is not None and name == indexes.EXACT:
             raise CbirError("the exact index is never whitened: give the whitened index a name")
         note = None
-        parsed = indexes.parse_params(params)
+        parsed = factories.parse_params(params)
         white_dim = None
         if req is not None:
             if req.file is not None:
-                white_dim = int(wh.read_transform(req.file, coll.dim).d_out)
+                white_dim = int(wh.read_transform(req.file, coll.dim, req.digest).d_out)
             else:
                 white_dim = wh.resolve_dim(req, coll.dim)
         if auto:
@@ -494,16 +589,14 @@ def build_index(
         ondisk = how.shards > 1 or how.engine == "ray"
         if ondisk and req is not None:
             raise CbirError("a whitened index is one file: leave out --shards and --engine ray")
-        if shards is None and indexes.is_ondisk(previous) and previous["factory"] == recorded:
+        if shards is None and index_files.is_ondisk(previous) and previous["factory"] == recorded:
             ondisk = True  # a rebuild stays on disk
         if ondisk and name == indexes.EXACT:
             raise CbirError("the exact index is one file: leave out --shards and --engine ray")
         plan = None
         if req is not None:
-            indexes.make_index(factory, white_dim)  # a bad factory is refused before any work
-            plan = wh.plan(coll, req)
-            if req.save is not None:
-                wh.write_transform(plan.pca, req.save)
+            factories.make_index(factory, white_dim)  # a bad factory is refused before any work
+            plan = wh.plan(coll, req)  # also writes req.save, and records its sha256
         return autoindex.build_and_save(
             coll, name, factory, parsed, target_recall, note, how if ondisk else None, plan
         )
@@ -521,8 +614,11 @@ def update_indexes(coll: Collection) -> list[str]:
     if not coll.writer:
         raise CbirError("updating indexes needs the collection open for writing")
     lines: list[str] = []
-    for record in catalog.index_records(coll.db):
+    for record in catalog.index_records(coll.db, check=False):
         name = record["name"]
+        if not record.pop("intact"):  # not updated: nothing in it can be trusted
+            lines.append(catalog.record_damage_text([name]))
+            continue
         if name == indexes.EXACT or not indexes.is_stale(coll, record):
             continue
         try:
@@ -553,21 +649,23 @@ def verify(config: str | None = None, repair: bool = False, **options: Any) -> d
     """Check catalog, vector file and indexes against each other.
 
     repair=True first takes the write lock and repairs what can be repaired
-    (migrates an old schema, drops rows left by a torn commit or whose vectors
-    are gone or fail their checksum, cuts uncommitted vector bytes); the
+    (migrates an old schema, drops rows left by a torn commit, whose vectors
+    are gone or fail their checksum, or whose own checksum fails (never meta or
+    index records: cbir cannot invent them), cuts uncommitted vector bytes); the
     report's "repaired" lists what was done.
     """
     from pipeline.checks import verify_collection
-    from pipeline.collection import damaged_ids
+    from pipeline.collection import drop_damaged
 
     s = settings_for(config, **options)
     done: list[str] = []
     if repair:
-        with writing(s.catalog, s.index_dir, create=False) as coll:
+        # drop_lost: rows whose vectors a short vector file lost are dropped (and told)
+        # here only; every other writer refuses such a file.
+        with writing(s.catalog, s.index_dir, create=False, drop_lost=True) as coll:
+            bad = drop_damaged(coll)  # also drops damaged catalog rows, told in coll.repaired
             done = list(coll.repaired)
-            bad = damaged_ids(coll)
             if bad:
-                catalog.delete_rows(coll.db, bad)
                 done.append(
                     f"dropped {len(bad)} images whose vectors fail their checksum (ids {bad[:5]}); "
                     "the next 'cbir index' embeds them again"
@@ -638,6 +736,7 @@ def train(
     s = settings_for(config, **options)
     coll = open_collection(s)
     try:
+        coll.check_rows()  # it reads every labelled row's path and label
         return run_training(
             coll,
             s.replace(weights=model_choice(s, coll)[0]),

@@ -13,6 +13,7 @@ from pipeline import api, errors, whitening
 from pipeline.cli_options import (
     MemorySize,
     OneLineGroup,
+    WritablePath,
     common_options,
     descriptor_options,
     runtime_options,
@@ -83,7 +84,8 @@ def main(debug: bool) -> None:
     "max_pixels",
     type=typed(SPEC["max_pixels"]),
     default=None,
-    help="Refuse images with more pixels (decompression bombs).",
+    help="Refuse images with more pixels, in the file or once resized for the model "
+    "(decompression bombs); and images thinner than 50:1.",
 )
 @click.option(
     "--engine",
@@ -332,6 +334,7 @@ def search_cmd(queries: tuple[str, ...], ids: tuple[int, ...], as_json: bool, **
 @click.option(
     "--save-whitening",
     "save_whitening",
+    type=WritablePath(folder=False),
     default=None,
     metavar="FILE",
     help="Write the learned (and validated) transform to FILE, for --whitening.",
@@ -458,8 +461,9 @@ def info_cmd(as_json: bool, **options) -> None:
 @click.option(
     "--repair",
     is_flag=True,
-    help="First repair what can be: upgrade the schema, drop rows of a torn commit or "
-    "with damaged vectors (their files are indexed again), cut uncommitted bytes.",
+    help="First repair what can be: upgrade the schema, drop image rows of a torn commit, "
+    "whose vectors are lost (a short vector file) or damaged, or failing their own checksum "
+    "(their files are indexed again), cut uncommitted bytes.",
 )
 @common_options
 def verify_cmd(as_json: bool, repair: bool, **options) -> None:
@@ -521,7 +525,7 @@ def verify_cmd(as_json: bool, repair: bool, **options) -> None:
 @click.option(
     "--report",
     "report_dir",
-    type=click.Path(file_okay=False),
+    type=WritablePath(folder=True),
     help="Write an HTML report (top-10 thumbnails, per-class chart) here.",
 )
 @click.option("--json", "as_json", is_flag=True, help="One JSON object.")
@@ -594,7 +598,7 @@ def _print_instances(result: dict[str, Any], as_json: bool) -> None:
 @click.option(
     "--out",
     required=True,
-    type=click.Path(dir_okay=False),
+    type=WritablePath(folder=False),
     help="Where to save the fine-tuned weights (NAME.weights.h5; NAME.weights.h5.json beside).",
 )
 @click.option(

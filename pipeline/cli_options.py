@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 import sys
 from typing import Any
 
 import click
 
-from pipeline import autoindex, errors, indexes
-from pipeline.config import DEFAULTS, SEARCH_PARAMS, SPEC, Spec
+from pipeline import autoindex, errors, factories
+from pipeline.config import DEFAULTS, ENV_INTS, SEARCH_PARAMS, SPEC, Spec, env_int
 from pipeline.errors import CbirError
 
 _NO_ARGS_IS_HELP = getattr(click.exceptions, "NoArgsIsHelpError", ())
@@ -99,6 +100,50 @@ class MemorySize(click.ParamType):
             self.fail(str(e), param, ctx)
 
 
+class WritablePath(click.Path):
+    """A file or folder cbir will write: refused while parsing, before any work, when it cannot
+    be made there (a file on the way, a symlink loop, a folder where a file goes)."""
+
+    def __init__(self, folder: bool) -> None:
+        super().__init__(file_okay=not folder, dir_okay=folder)
+        self.folder = folder
+
+    def convert(self, value: Any, param: Any, ctx: Any) -> Any:
+        value = super().convert(value, param, ctx)
+        if problem := errors.path_problem(value, self.folder):
+            self.fail(problem, param, ctx)
+        return value
+
+
+# Paths that variables name, checked as their options are: (variable, a folder?, the option).
+_ENV_PATHS = (
+    ("CBIR_CATALOG", False, "catalog"),
+    ("CBIR_INDEX_DIR", True, "index_dir"),
+    ("CBIR_CRASH_LOG", False, None),
+)
+
+
+def check_environment(flags: dict[str, Any]) -> None:
+    """Refuse a bad CBIR_* variable in one line before a command does anything.
+
+    Variables are otherwise read where they act (CBIR_THREADS when the model is
+    built, CBIR_CRASH_AFTER at each write step), which may be after the catalog
+    was written. A path variable whose option is among `flags` is not used, so
+    not checked.
+    """
+    from pipeline import raycluster
+
+    for var in ENV_INTS:
+        env_int(var)
+    for var, folder, option in _ENV_PATHS:
+        value = os.environ.get(var)
+        if not value or (option and flags.get(option)):
+            continue
+        if problem := errors.path_problem(value, folder):
+            raise CbirError(f"{var}: {problem}")
+    raycluster.logs_wanted()
+
+
 def typed(spec: Spec) -> click.ParamType:
     """The Click type of a setting's spec (pipeline/config.py), so each range is written once."""
     if spec.kind == "int":
@@ -113,7 +158,7 @@ def typed(spec: Spec) -> click.ParamType:
 def check_params(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]):
     """Refuse a bad --param NAME=VALUE while parsing, before any work."""
     try:
-        indexes.parse_params(list(values))
+        factories.parse_params(list(values))
     except CbirError as e:
         raise click.BadParameter(str(e), ctx, param) from None
     return values
@@ -138,18 +183,19 @@ def common_options(f):
         "--index-dir",
         "index_dir",
         default=None,
-        type=click.Path(file_okay=False),
+        type=WritablePath(folder=True),
         help=f"Folder of FAISS index files [default {DEFAULTS['index_dir']}; env CBIR_INDEX_DIR].",
     )
     @click.option(
         "--catalog",
         default=None,
-        type=click.Path(dir_okay=False),
+        type=WritablePath(folder=False),
         help=f"SQLite catalog [default {DEFAULTS['catalog']}; env CBIR_CATALOG].",
     )
     @functools.wraps(f)
     def wrapper(*args, **kwargs):
         with errors.one_line(kwargs.get("catalog")):
+            check_environment(kwargs)
             return f(*args, **kwargs)
 
     return wrapper

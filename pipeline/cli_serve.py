@@ -12,6 +12,7 @@ from pipeline.cli_options import (
     CommaList,
     CountRange,
     FiniteFloatRange,
+    WritablePath,
     common_options,
     runtime_options,
     typed,
@@ -74,7 +75,7 @@ def bench_extract_cmd(folder: str, limit: int | None, repeats: int, **options) -
     "out_dir",
     default="bench-out",
     show_default=True,
-    type=click.Path(file_okay=False),
+    type=WritablePath(folder=True),
     help="Where scale.csv and the plots go.",
 )
 @common_options
@@ -125,7 +126,7 @@ def bench_scale_cmd(
     "--thumbs-dir",
     "thumbs_dir",
     default=None,
-    type=click.Path(file_okay=False),
+    type=WritablePath(folder=True),
     help="Thumbnail cache [default: CATALOG with suffix .thumbs].",
 )
 @click.option(
@@ -141,7 +142,8 @@ def bench_scale_cmd(
     "max_pixels",
     type=typed(SPEC["max_pixels"]),
     default=None,
-    help="Refuse uploads with more pixels (decompression bombs).",
+    help="Refuse uploads with more pixels, in the file or once resized for the model "
+    "(decompression bombs); and images thinner than 50:1.",
 )
 @click.option(
     "-k", type=typed(SPEC["k"]), default=None, help="Default number of results on a page."
@@ -293,6 +295,7 @@ def bench_coldstart_cmd(image: str, runs: int, **options) -> None:
 @click.option(
     "--work-dir",
     "work_dir",
+    type=WritablePath(folder=True),
     default=None,
     help="Where the generated vector file goes [default: a temporary folder].",
 )

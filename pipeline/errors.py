@@ -6,6 +6,7 @@ import datetime
 import errno
 import os
 import sqlite3
+import stat
 import sys
 import tempfile
 import traceback
@@ -46,6 +47,49 @@ def _say(message: str) -> None:
     print(f"cbir: error: {message}", file=sys.stderr)
 
 
+def path_problem(path: str | os.PathLike, folder: bool) -> str | None:
+    """Why `path` cannot be used, or made, as a folder (`folder`) or a file; None if it can.
+
+    What exists must be of the right kind; what does not must have a folder as its
+    nearest existing ancestor. Said in words ("a symlink loop", "X is a file, not a
+    folder") instead of errno names, so each option can refuse in one line before work.
+    """
+    path = os.fspath(path)
+    what = "folder" if folder else "file"
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            return f"{path} is a symlink loop"
+        if e.errno == errno.ENAMETOOLONG:
+            return f"{path}: the name is too long"
+        if e.errno not in (errno.ENOENT, errno.ENOTDIR):
+            return f"{path}: {e.strerror}"
+    else:
+        if folder != stat.S_ISDIR(st.st_mode):
+            return f"{path} is not a {what}" if folder else f"{path} is a folder, not a {what}"
+        return None
+    target = os.path.abspath(path)
+    if os.path.islink(path):
+        if folder:  # makedirs cannot make a folder where a (dangling) link is
+            return f"{path} is a symbolic link to a missing folder"
+        target = os.path.realpath(path)  # a file is written through the link, at its target
+    # Not there yet: the first ancestor that exists must be a folder to create it in.
+    for parent in Path(target).parents:
+        try:
+            st = os.stat(parent)
+        except OSError as e:
+            if e.errno == errno.ELOOP:
+                return f"{path}: {parent} is a symlink loop"
+            if e.errno in (errno.ENOENT, errno.ENOTDIR):
+                continue
+            return f"{path}: {parent}: {e.strerror}"
+        if not stat.S_ISDIR(st.st_mode):
+            return f"{path}: {parent} is a file, not a folder"
+        return None
+    return None
+
+
 def describe(e: BaseException) -> str | None:
     """A one-line message for a known environmental failure, or None."""
     if isinstance(e, OSError) and e.errno == errno.ENOSPC:
@@ -62,6 +106,19 @@ def describe(e: BaseException) -> str | None:
         return f"the catalog is damaged or unreadable ({text}); run 'cbir verify' for details"
     if isinstance(e, MemoryError):
         return "out of memory; try a smaller batch or fewer workers"
+    return None
+
+
+# A path that cannot be a file or folder here: the user's input, whichever option named it.
+_PATH_ERRNOS = (errno.ENOTDIR, errno.EISDIR, errno.ELOOP, errno.ENAMETOOLONG)
+
+
+def bad_path(e: BaseException) -> str | None:
+    """A one-line message for an OSError that says a given path is unusable, or None."""
+    if isinstance(e, OSError) and e.errno in _PATH_ERRNOS and e.filename is not None:
+        path = os.fsdecode(e.filename)
+        reason = "is a symlink loop" if e.errno == errno.ELOOP else f"cannot be used ({e.strerror})"
+        return f"{path} {reason}; check the paths given"
     return None
 
 
@@ -89,6 +146,9 @@ def one_line(catalog: str | None = None) -> Iterator[None]:
     except Exception as e:
         if DEBUG:
             traceback.print_exc()
+        if path := bad_path(e):  # caught here too for paths no option checked first
+            _say(path)
+            sys.exit(2)
         known = describe(e)
         if known:
             _say(known)

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import os
 
+from pipeline import config
+
 CRASH_AFTER = "CBIR_CRASH_AFTER"
 CRASH_LOG = "CBIR_CRASH_LOG"
 CRASH_EXIT = 77  # what an injected crash exits with, so a test can tell it from a failure
@@ -30,5 +32,6 @@ def step(what: str) -> None:
     if log:
         with open(log, "a") as f:
             f.write(f"{_count} {what}\n")
-    if target and _count == int(target):
+    # Checked (a whole number from 1) when the command started; here too for API callers.
+    if target and _count == config.env_int(CRASH_AFTER):
         os._exit(CRASH_EXIT)

@@ -24,6 +24,7 @@ import markupsafe
 
 from pipeline.catalog import shown
 from pipeline.config import Settings
+from pipeline.errors import CbirError, path_problem
 from pipeline.thumbs import placeholder_bytes, thumbnail_bytes
 
 THUMB_SIZE = 160  # pixels on the longer side
@@ -181,6 +182,8 @@ def write_report(
     for an instance benchmark, the `worst` queries by AP and the `best` ones.
     """
     out = Path(out_dir)
+    if problem := path_problem(out, folder=True):  # before any thumbnail is made
+        raise CbirError(f"cannot write the report: {problem}")
     (out / THUMBS).mkdir(parents=True, exist_ok=True)
     src: dict[str, str] = {}
     if "groundtruth" in result:
