@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -44,7 +45,15 @@ MICRO_BATCH = 8
 
 
 def open_app(settings: Settings, **options: Any) -> Flask:
-    """The app over the settings' collection, its model loaded once (micro-batches of uploads)."""
+    """The app over the settings' collection, its model loaded once (micro-batches of uploads).
+
+    Relative paths (the default `catalog.db`, `index`) are resolved here, once, against the
+    working directory at start-up (the thumbnail folder too, in `Service`): no request then
+    depends on it, or on Flask's idea of it.
+    """
+    settings = settings.replace(
+        catalog=os.path.abspath(settings.catalog), index_dir=os.path.abspath(settings.index_dir)
+    )
     coll = api.open_collection(settings)
     embedder = api.embedder_for(settings, coll, batch_size=MICRO_BATCH)
     return create_app(coll, embedder, settings, **options)

@@ -608,10 +608,15 @@ def test_upload_finds_its_own_class(corel_app, corel_collection, corel_query_row
 
 
 @pytest.fixture
-def live_server(corel_app):
-    from pipeline.serve import running
+def live_server(corel_collection, tmp_path):
+    """`cd COLL && cbir serve`, as the README starts it (the default, relative catalog.db and
+    index/), in a copy of the Corel collection: its thumbnails go to COLL/catalog.thumbs/."""
+    from conftest import copy_collection
 
-    with running(corel_app) as url:
+    coll = tmp_path / "coll"
+    copy_collection(corel_collection, coll)
+    cbir = [str(Path(sys.executable).with_name("cbir"))]
+    with fakes.served(coll, tmp_path / "serve.log", cbir=cbir, timeout=300) as url:
         yield url
 
 
@@ -680,7 +685,7 @@ def test_browser_end_to_end(live_server, browser, corel_collection, tmp_path):
     artifacts.mkdir(parents=True, exist_ok=True)
     browser.get(live_server + "/")
     assert len(browser.find_elements(By.CSS_SELECTOR, "#images img")) == 48
-    wait_for_images(browser, "#images img")
+    wait_for_images(browser, "#images img", n=48)  # every thumbnail loads (naturalWidth > 0)
     browser.save_screenshot(str(artifacts / "browse.png"))
 
     browser.find_elements(By.CSS_SELECTOR, "#images a")[3].click()

@@ -14,8 +14,9 @@ from typing import Any
 
 from flask import Flask, Response, jsonify, render_template, request, send_file
 from werkzeug.exceptions import HTTPException
+from werkzeug.routing import IntegerConverter
 
-from pipeline import api, catalog
+from pipeline import api, catalog, files
 from pipeline.collection import Collection
 from pipeline.config import Settings
 from pipeline.embed import Embedder
@@ -31,6 +32,13 @@ PER_PAGE = 48
 MAX_UPLOAD = 20 * 1024 * 1024
 RERANK_CHOICES = ("", "dba", "aqe", "dba+aqe")
 TEMPLATES = Path(__file__).resolve().parents[1] / "templates"
+
+
+class IdConverter(IntegerConverter):
+    """A catalog id in a URL: ASCII digits only. Werkzeug's `int` matches `\\d`, which
+    takes any script's digits ("/image/٣" was image 3)."""
+
+    regex = r"[0-9]+"
 
 
 def _printable(value: Any) -> Any:
@@ -61,6 +69,7 @@ def create_app(
     service = Service(coll, embedder, settings, slots, thumbs_dir)
     service.warm_up()
     app = Flask(__name__, template_folder=str(TEMPLATES))
+    app.url_map.converters["id"] = IdConverter
     # A file name that is not UTF-8 (lone surrogates) cannot be encoded in a page;
     # pages show it with U+FFFD, JSON carries it losslessly as \udcXX escapes.
     app.jinja_options = {**app.jinja_options, "finalize": _printable}
@@ -167,23 +176,29 @@ def _pages(app: Flask, service: Service, max_upload: int) -> None:
             rerank_choices=RERANK_CHOICES,
         )  # fmt: skip
 
-    @app.get("/image/<int:image_id>")
+    @app.get("/image/<id:image_id>")
     def image_page(image_id: int):
         chosen = params.from_form(request.args)
         answer = service.search(image_id, chosen)
         return _results_page(service, answer, chosen, f"/thumb/{image_id}", image_id=image_id)
 
-    @app.get("/image/<int:image_id>/full")
+    @app.get("/image/<id:image_id>/full")
     def full_image(image_id: int):
         path = service.row(image_id)["path"]
-        if not os.path.isfile(path):
-            raise NotFoundError(f"the file of image {image_id} is gone")
+        try:
+            # Opened without blocking and checked on the descriptor: a file swapped for a
+            # FIFO or a device after indexing cannot hang a worker.
+            f = files.open_regular(path, "image", None)
+        except (OSError, files.UnusableFile):
+            raise NotFoundError(
+                f"the file of image {image_id} is gone or not a regular file"
+            ) from None
         # A name that is not UTF-8 cannot go into headers (or werkzeug's etag of the
         # path): send the open file, named as it is shown.
         name = catalog.shown(os.path.basename(path))
-        return send_file(open(path, "rb"), download_name=name, etag=False)  # noqa: SIM115
+        return send_file(f, download_name=name, etag=False)
 
-    @app.get("/thumb/<int:image_id>")
+    @app.get("/thumb/<id:image_id>")
     def thumb(image_id: int):
         return send_file(service.thumb(image_id), mimetype="image/jpeg", max_age=86400)
 

@@ -10,7 +10,9 @@ from __future__ import annotations
 import hashlib
 import hmac
 import ipaddress
-from urllib.parse import urlsplit
+import re
+import unicodedata
+from urllib.parse import unquote, urlsplit
 
 from flask import Flask, Request, Response, redirect, render_template, request
 
@@ -53,14 +55,45 @@ class TokenAuth:
         return cookie is not None and hmac.compare_digest(_bytes(cookie), _bytes(self.cookie_value))
 
 
+MAX_NEXT = 16_384  # a results page marking many ids has a long URL; past this, "/"
+MAX_DECODES = 8  # percent-decodings tried; each costs a pass over the target
+# Never in a path of this server as sent: controls (browsers drop tab, CR and LF anywhere
+# in a URL, so "/<TAB>/evil" is "//evil"), spaces, and backslashes (read as "/").
+_UNSAFE = re.compile(r"[\x00-\x20\x7f\\]")
+_DROPPED = re.compile(r"[\t\n\r]")
+
+
+def _is_own_path(url: str) -> bool:
+    """Whether `url`, read as a browser reads it, is a path here without empty or dot
+    segments ("//host", "/.//host": another site, or a path that turns into one)."""
+    url = _DROPPED.sub("", url).replace("\\", "/")
+    if not url.startswith("/") or url.startswith("//"):
+        return False
+    segments = urlsplit(url).path.split("/")
+    return all(s not in ("", ".", "..") for s in segments[1:-1]) and segments[-1] not in (".", "..")
+
+
 def safe_next(target: str | None) -> str:
-    """A path on this server to go back to after logging in; never another site."""
-    if not target:
+    """A path on this server to go back to after logging in, exactly as given; else "/".
+
+    Kept only when it is printable ASCII and a path of this server in every form something
+    on the way might turn it into: as sent, percent-decoded again and again until nothing
+    changes (at most MAX_DECODES times), and each form with compatibility characters folded
+    (NFKC: U+FF0F is "/"). So "//x", "/%5Cx", "/%2F%2Fx", "/%09/x", "/.//x" and
+    "javascript:" give "/".
+    """
+    if not target or len(target) > MAX_NEXT or not target.isascii() or _UNSAFE.search(target):
         return "/"
-    parts = urlsplit(target)
-    if parts.scheme or parts.netloc or not target.startswith("/") or target.startswith("//"):
+    forms = [target]
+    for _ in range(MAX_DECODES):
+        decoded = unquote(forms[-1])
+        if decoded == forms[-1]:
+            break
+        forms.append(decoded)
+    else:  # still changing: no page of this server is encoded so many times over
         return "/"
-    return target.replace("\\", "/")
+    folded = [unicodedata.normalize("NFKC", form) for form in forms]
+    return target if all(_is_own_path(form) for form in forms + folded) else "/"
 
 
 def login_page(message: str = "", status: int = 401, next_path: str = "/") -> Response:

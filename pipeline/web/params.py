@@ -9,6 +9,7 @@ caps k lower, since every result is a row to look up and, on a page, an image.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -64,9 +65,21 @@ class SearchParams:
         return {"relevant": self.relevant, "not_relevant": self.not_relevant}
 
 
+# An integer as a request sends it. Not str.isdigit(), which also takes "²" (and int()
+# then fails: a 500), nor int() alone, which reads "٣" and "５" as 3 and 5.
+_INTEGER = re.compile(r"[0-9]{1,20}")
+
+
+def _integer(value: Any) -> Any:
+    """A string of ASCII digits (spaces around allowed) as its int; anything else as it is,
+    for the caller's check to refuse in one line."""
+    if isinstance(value, str) and _INTEGER.fullmatch(value.strip()):
+        return int(value)
+    return value
+
+
 def _k(value: Any) -> int:
-    if isinstance(value, str) and value.strip().isdigit():
-        value = int(value)
+    value = _integer(value)
     if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= MAX_K:
         raise BadRequest(f"k must be an integer from 1 to {MAX_K}")
     return value
@@ -83,9 +96,7 @@ def _rerank(value: Any) -> str:
 
 
 def _shortlist(value: Any) -> int:
-    if isinstance(value, str) and value.strip().isdigit():
-        value = int(value)
-    return config.check("shortlist", value)
+    return config.check("shortlist", _integer(value))
 
 
 def _ids(name: str, values: list[Any]) -> tuple[int, ...]:
@@ -93,9 +104,7 @@ def _ids(name: str, values: list[Any]) -> tuple[int, ...]:
     ids: list[int] = []
     for v in values:
         parts = v.replace(",", " ").split() if isinstance(v, str) else [v]
-        for p in parts:
-            if isinstance(p, str) and p.isdigit():
-                p = int(p)
+        for p in map(_integer, parts):
             if not isinstance(p, int) or isinstance(p, bool) or not 0 <= p <= config.ID.hi:
                 raise BadRequest(f"{name} must be a list of catalog ids")
             ids.append(p)

@@ -51,7 +51,9 @@ class Service:
         self.coll, self.settings, self.slots = coll, settings, slots
         # Concurrent uploads share forward passes (one at a time, each on every core).
         self.embedder = MicroBatcher(embedder, max_batch=embedder.batch_size)
-        self.thumbs = Path(thumbs_dir or coll.path.with_suffix(".thumbs"))
+        # Absolute now: Flask's send_file reads a relative path against the package's
+        # folder, not the working directory (every thumbnail was a 500 under `cd coll`).
+        self.thumbs = Path(thumbs_dir or coll.path.with_suffix(".thumbs")).absolute()
         self.redact = Redactor(
             [coll.path.parent, coll.vectors_path.parent, coll.index_dir, self.thumbs]
         )
@@ -83,7 +85,7 @@ class Service:
         if isinstance(query, api.Upload):
             # Only the decoding holds a slot of the memory budget: the small decoded
             # pixels then wait for a micro-batch with those of other requests.
-            with self.slots.hold(decode_cost(query.data)):
+            with self.slots.hold(decode_cost(query.data, self.embedder.descriptor.size)):
                 try:
                     decoded = decode_bytes(
                         query.data, settings.max_pixels, **self.embedder.descriptor.decode
@@ -98,7 +100,7 @@ class Service:
 
     def carry(self, name: str, data: bytes) -> CarriedQuery:
         """Decode an upload once, into what a results page carries (see carry.py)."""
-        with self.slots.hold(decode_cost(data)):
+        with self.slots.hold(decode_cost(data, self.embedder.descriptor.size)):
             return from_upload(
                 name, data, self.settings.max_pixels, self.embedder.descriptor.decode
             )
