@@ -210,3 +210,118 @@ if __name__ == "__main__":
     from pipeline.cli import main
 
     main()
+
+
+# --- a server started the way the README starts it (appended) -------------------------------
+
+from contextlib import contextmanager  # noqa: E402
+
+
+@contextmanager
+def served(cwd: Path, log: Path, *args: str, cbir: list[str] | None = None, timeout: float = 120):
+    """`cbir serve --port 0 ARGS` started in `cwd`, as `cd coll && cbir serve` starts it (the
+    default, relative catalog); yields its URL, and stops it at the end. `cbir`: the command
+    (default: this file, cbir with the fake model). The server's stderr goes to `log`."""
+    import re
+    import subprocess
+
+    command = cbir or [sys.executable, str(Path(__file__).resolve())]
+    with log.open("w") as err:  # a file, not a pipe: a full pipe would block the server
+        proc = subprocess.Popen(
+            [*command, "serve", "--port", "0", *args],
+            cwd=cwd,
+            stdout=subprocess.DEVNULL,
+            stderr=err,
+        )
+    try:
+        deadline, url = time.monotonic() + timeout, None
+        while url is None and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.1)
+            found = re.search(r"serving on (http://127\.0\.0\.1:\d+)/", log.read_text())
+            url = found.group(1) if found else None
+        assert url, f"the server did not start: {log.read_text()}"
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+# --- a fresh process per call, forked from a preloaded server (the corruption matrix) -------
+
+_FRESH = None
+
+
+def _fresh_child(conn, fn, args) -> None:
+    import traceback
+
+    try:
+        value = ("ok", fn(*args))
+    except BaseException:  # reported to the caller, which judges it (never swallowed)
+        value = ("raised", traceback.format_exc())
+    conn.send(value)
+    conn.close()
+
+
+def in_fresh_process(fn, *args, timeout: float = 120.0, preload: tuple[str, ...] = ()):
+    """fn(*args) in a new process forked from a server that imported cbir once.
+
+    Each call is a fresh process (a first load, no state shared with the caller, and
+    a crash or a hang cannot take the test run down) that starts in milliseconds.
+    `fn` must be a module-level function; `preload` names modules the server imports
+    once (the first call fixes them). Returns (("ok", value) or ("raised", traceback)
+    or None if the process died, its exit code (minus the signal that killed it),
+    whether it was killed after `timeout` seconds).
+    """
+    import multiprocessing
+
+    global _FRESH
+    if _FRESH is None:
+        _FRESH = multiprocessing.get_context("forkserver")
+        _FRESH.set_forkserver_preload(["fakes", "pipeline.cli", "pipeline.serve", *preload])
+    receive, send = _FRESH.Pipe(duplex=False)
+    proc = _FRESH.Process(target=_fresh_child, args=(send, fn, args))
+    proc.start()
+    send.close()
+    value, timed_out = None, False
+    if receive.poll(timeout):
+        try:
+            value = receive.recv()
+        except EOFError:  # died without an answer (a signal, os._exit)
+            value = None
+    else:
+        timed_out = True
+        proc.kill()
+    proc.join()
+    receive.close()
+    return value, proc.exitcode, timed_out
+
+
+# --- writing a catalog behind cbir's back (appended) ----------------------------------------
+
+
+def reseal(path: Path) -> None:
+    """Record the checksum of every catalog row as it is now, as cbir's writers do: for a
+    test that changes rows behind cbir's back to make an older cbir's catalog."""
+    import sqlite3
+
+    con = sqlite3.connect(path)
+    con.create_function("cbir_row_crc", -1, catalog.row_crc, deterministic=True)
+    with con:
+        for table in catalog.SEALED:
+            con.execute(f"update {table} set row_crc = {catalog._crc_sql(table)}")
+    con.close()
+
+
+def as_schema_4(path: Path) -> None:
+    """Make a catalog what cbir schema 4 wrote: no index digests, no row checksums."""
+    import sqlite3
+
+    con = sqlite3.connect(path)
+    with con:
+        con.execute("alter table indexes drop column digest")
+        con.execute("alter table indexes drop column data_digest")
+        for table in catalog.SEALED:
+            con.execute(f"alter table {table} drop column row_crc")
+        con.execute("update meta set value = '4' where key = 'schema_version'")
+    con.execute("pragma wal_checkpoint(truncate)")
+    con.close()
