@@ -256,9 +256,17 @@ def index(
     roots = [str(p) for p in (list(paths) or list(s.roots))]
     if not roots:
         raise CbirError("give at least one folder, image or manifest CSV (or 'roots' in a config)")
-    # Scanned and every CSV read before the catalog is opened: bad input touches nothing.
-    # Nothing found is refused, except to prune an existing catalog (never silently: the
-    # summary counts what was pruned).
+    # The options first (cheap), then the scan, every CSV read, before the catalog is
+    # opened: bad input touches nothing. Nothing found is refused, except to prune an
+    # existing catalog (never silently: the summary counts what was pruned).
+    if s.engine == "ray":
+        from pipeline import engine_ray, raycluster
+
+        raycluster.require()  # before the catalog is touched: one line, nothing written
+    if s.weights != DEFAULTS["weights"]:  # a mistyped --weights would leave an empty catalog
+        from pipeline import files
+
+        files.require_regular(s.weights, "weights", files.WEIGHTS_MAX)
     exists = os.path.exists(s.catalog)
     found = find(
         roots,
@@ -267,20 +275,12 @@ def index(
         allow_empty=s.prune and exists,
         hint="; add --prune to drop what the catalog holds there" if exists else "",
     )
-    if s.weights != DEFAULTS["weights"]:  # a mistyped --weights would leave an empty catalog
-        from pipeline import files
-
-        files.require_regular(s.weights, "weights", files.WEIGHTS_MAX)
     engine = None
     cluster: Any = contextlib.nullcontext()
-    if s.engine == "ray":
-        from pipeline import engine_ray, raycluster
-
-        raycluster.require()  # before the catalog is touched: one line, nothing written
-        if raycluster.joins(s.ray_address or None):
-            # Join first (bounded): an unreachable address is one line, nothing written.
-            # A local Ray is started only when there is something to embed.
-            cluster = raycluster.connected(s.ray_address or None)
+    if s.engine == "ray" and raycluster.joins(s.ray_address or None):
+        # Join first (bounded): an unreachable address is one line, nothing written.
+        # A local Ray is started only when there is something to embed.
+        cluster = raycluster.connected(s.ray_address or None)
     with cluster, writing(s.catalog, s.index_dir) as coll:
         s = with_descriptor(s, coll)  # a catalog's recorded descriptor, unless one is given
         if s.engine == "ray":

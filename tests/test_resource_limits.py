@@ -10,8 +10,8 @@ running out of memory ("memory available") or from a crash ("a bug").
 
 from __future__ import annotations
 
+import json
 import os
-import resource
 import struct
 import subprocess
 import sys
@@ -60,29 +60,41 @@ class Outcome:
     seconds: float
 
 
+# Runs one row's command in a small process of its own and reports (exit code, peak RSS,
+# seconds) as JSON. Measured from pytest directly, a child's ru_maxrss would start at pytest's
+# own resident size: Linux carries the parent's high-water mark across fork and exec, and the
+# whole suite in one pytest process reaches gigabytes.
+LAUNCHER = """
+import json, os, resource, subprocess, sys, threading, time
+cap, limit, out_path, err_path, *args = sys.argv[1:]
+cap, limit = int(cap), float(limit)
+def lower():
+    resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
+start = time.monotonic()
+with open(out_path, "w") as out, open(err_path, "w") as err:
+    child = subprocess.Popen(args, stdout=out, stderr=err, preexec_fn=lower)
+    timer = threading.Timer(limit, child.kill)
+    timer.start()
+    _, status, usage = os.wait4(child.pid, 0)
+    timer.cancel()
+seconds = time.monotonic() - start
+print(json.dumps([os.waitstatus_to_exitcode(status), usage.ru_maxrss * 1024, seconds]))
+"""
+
+
 def run_capped(args: list[str], folder: Path) -> Outcome:
     """`python ARGS` under the memory cap and the time limit, with its peak RSS."""
-
-    def cap() -> None:
-        resource.setrlimit(resource.RLIMIT_AS, (ADDRESS_SPACE, ADDRESS_SPACE))
-
     name = f"{threading.get_ident()}-{time.monotonic_ns()}"
     out_path, err_path = folder / f"{name}.out", folder / f"{name}.err"
-    start = time.monotonic()
-    with out_path.open("w") as out, err_path.open("w") as err:
-        child = subprocess.Popen(
-            [sys.executable, *args], stdout=out, stderr=err, preexec_fn=cap, cwd=folder
-        )
-        timer = threading.Timer(SECONDS, child.kill)
-        timer.start()
-        _, status, usage = os.wait4(child.pid, 0)
-        timer.cancel()
-        child.returncode = os.waitstatus_to_exitcode(status)  # reaped here, not by Popen
-    seconds = time.monotonic() - start
-    code = None if seconds >= SECONDS else child.returncode
-    return Outcome(
-        code, out_path.read_text(), err_path.read_text(), usage.ru_maxrss * 1024, seconds
-    )
+    launched = subprocess.run(
+        [sys.executable, "-c", LAUNCHER, str(ADDRESS_SPACE), str(SECONDS), str(out_path),
+         str(err_path), sys.executable, *map(str, args)],
+        cwd=folder, capture_output=True, text=True, timeout=SECONDS + 60,
+    )  # fmt: skip
+    assert launched.returncode == 0, launched.stderr
+    status, peak, seconds = json.loads(launched.stdout)
+    code = None if seconds >= SECONDS else status
+    return Outcome(code, out_path.read_text(), err_path.read_text(), peak, seconds)
 
 
 def png_header_only(path: Path, width: int, height: int) -> Path:
