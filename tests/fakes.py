@@ -135,6 +135,15 @@ def make_images(folder: Path, n: int, seed: int = 0, size: int = 48) -> list[Pat
     return out
 
 
+def index_record(state: Path, name: str) -> dict | None:
+    """The catalog's record of index `name` in a test's state folder (`opts(state)`)."""
+    db = catalog.open_reader(state / "c.db")
+    try:
+        return catalog.index_record(db, name)
+    finally:
+        db.conn.close()
+
+
 def snapshot(cat: Path) -> dict[str, tuple]:
     """path -> (status, label, sha256, size, mtime, error, vector or None): what a user owns."""
     db = catalog.open_reader(cat)

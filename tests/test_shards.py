@@ -66,12 +66,7 @@ def reader(state: Path, index_dir: Path | None = None) -> collection.Collection:
     return collection.reading(state / "c.db", index_dir or state / "idx")
 
 
-def record(state: Path, name: str) -> dict:
-    db = catalog.open_reader(state / "c.db")
-    try:
-        return catalog.index_record(db, name)
-    finally:
-        db.conn.close()
+record = fakes.index_record
 
 
 def held_and_indexed(state: Path, name: str) -> tuple[np.ndarray, np.ndarray]:

@@ -55,12 +55,7 @@ def state(base, tmp_path) -> Path:
     return dest
 
 
-def record(state: Path, name: str) -> dict | None:
-    db = catalog.open_reader(state / "c.db")
-    try:
-        return catalog.index_record(db, name)
-    finally:
-        db.conn.close()
+record = fakes.index_record
 
 
 def files_of(state: Path, name: str) -> tuple[Path, Path]:
