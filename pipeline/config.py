@@ -321,7 +321,7 @@ def check(key: str, value: Any, where: str = "", spec: Spec | None = None) -> An
     if not _fits(value, spec):
         raise CbirError(f"{where}{key} must be {spec.allowed()}, got {_shown(value)}")
     if spec.kind == "rerank" and value:
-        from pipeline.ranking import parse_rerank  # imports FAISS: only when asked for
+        from pipeline.retrieval.ranking import parse_rerank  # imports FAISS: only when asked for
 
         try:
             parse_rerank(value)
@@ -353,7 +353,7 @@ def validate(values: dict[str, Any], where: str = "") -> dict[str, Any]:
         if key in SPEC:
             values[key] = check(key, value, where)
     if values.get("rerank") and values.get("shortlist", 0) < values.get("k", 0):
-        from pipeline.ranking import parse_rerank
+        from pipeline.retrieval.ranking import parse_rerank
 
         if parse_rerank(values["rerank"]):  # "none" re-ranks nothing
             raise CbirError(

@@ -29,11 +29,14 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from pipeline import cpu, embed_keras, embed_openvino, metrics  # noqa: E402
 from pipeline.config import Settings  # noqa: E402
-from pipeline.decode import decode_file  # noqa: E402
-from pipeline.embed import l2_normalize, preprocess  # noqa: E402
-from pipeline.modelcache import ModelCache  # noqa: E402
+from pipeline.embed import cpu  # noqa: E402
+from pipeline.embed import runtime_keras as embed_keras  # noqa: E402
+from pipeline.embed import runtime_openvino as embed_openvino  # noqa: E402
+from pipeline.embed.interface import l2_normalize, preprocess  # noqa: E402
+from pipeline.embed.modelcache import ModelCache  # noqa: E402
+from pipeline.inputs.decode import decode_file  # noqa: E402
+from pipeline.retrieval import metrics  # noqa: E402
 
 SHARED = ROOT.parent / "shared"
 COLD_START = """

@@ -102,7 +102,7 @@ def copy_collection(options: dict, dest: Path) -> dict:
     """A private copy of an indexed collection (catalog, vector file, indexes) to modify."""
     import shutil
 
-    from pipeline import vectors
+    from pipeline.store import vectors
 
     dest.mkdir(parents=True, exist_ok=True)
     for suffix in ("", "-wal", "-shm"):

@@ -22,8 +22,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from pipeline import catalog, vectors  # noqa: E402
-from pipeline.embed import DIM, Embedder, l2_normalize, preprocess  # noqa: E402
+from pipeline.embed.interface import DIM, Embedder, l2_normalize, preprocess  # noqa: E402
+from pipeline.store import catalog, vectors  # noqa: E402
 
 FAKE_FINGERPRINT = {
     "architecture": "fake-projection (tests)",
@@ -55,7 +55,7 @@ class FakeModel:
 
 
 class FakeEmbedder:
-    """Satisfies pipeline.embed.Embedder: unit vectors from the fake model, no TensorFlow.
+    """Satisfies pipeline.embed.interface.Embedder: unit vectors from the fake model, no TensorFlow.
 
     Its producer is whatever runtime and precision were asked for (the vectors
     are the same), so the catalog's producer rules can be tested too.
@@ -73,7 +73,7 @@ class FakeEmbedder:
         self.model = FakeModel(delay, log)
         # The catalog's descriptor is recorded as a real model records it; images of
         # other sizes (whole-image descriptors) are resized to 224x224 for the projection.
-        from pipeline.descriptor import Descriptor
+        from pipeline.embed.descriptor import Descriptor
 
         self.descriptor = descriptor or Descriptor()
         self.fingerprint = {**FAKE_FINGERPRINT, **(descriptor.fingerprint() if descriptor else {})}
@@ -286,7 +286,7 @@ def in_fresh_process(fn, *args, timeout: float = 120.0, preload: tuple[str, ...]
     global _FRESH
     if _FRESH is None:
         _FRESH = multiprocessing.get_context("forkserver")
-        _FRESH.set_forkserver_preload(["fakes", "pipeline.cli", "pipeline.serve", *preload])
+        _FRESH.set_forkserver_preload(["fakes", "pipeline.cli", "pipeline.web.server", *preload])
     receive, send = _FRESH.Pipe(duplex=False)
     proc = _FRESH.Process(target=_fresh_child, args=(send, fn, args))
     proc.start()

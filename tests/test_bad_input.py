@@ -16,10 +16,12 @@ from hypothesis import strategies as st
 
 import fakes
 import pipeline
-from pipeline import api, config, factories, scan
+from pipeline import api, config
 from pipeline.cli import main
 from pipeline.config import DEFAULTS, SPEC, load_settings
 from pipeline.errors import CbirError
+from pipeline.inputs import scan
+from pipeline.retrieval import factories
 
 N_IMAGES = 40
 

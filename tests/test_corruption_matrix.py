@@ -417,8 +417,9 @@ class _Lines(logging.Handler):
 def _web(w: dict[str, Any], index: str, k: int | None = None) -> dict[str, Any]:
     import traceback
 
-    from pipeline import api, errors, serve
+    from pipeline import api, errors
     from pipeline.errors import CbirError
+    from pipeline.web import server as serve
 
     notices = _Lines()
     logging.getLogger("cbir").addHandler(notices)

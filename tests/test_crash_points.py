@@ -21,8 +21,10 @@ from click.testing import CliRunner
 
 import fakes
 from fakes import assert_same, run_child, snapshot
-from pipeline import catalog, faults, index_files
+from pipeline import faults
 from pipeline.cli import main
+from pipeline.retrieval import index_files
+from pipeline.store import catalog
 
 
 def copy_state(src: Path, dest: Path) -> None:

@@ -17,8 +17,10 @@ from click.testing import CliRunner
 
 import fakes
 from fakes import assert_same, snapshot
-from pipeline import api, catalog, index_files
+from pipeline import api
 from pipeline.cli import main
+from pipeline.retrieval import index_files
+from pipeline.store import catalog
 
 
 @pytest.fixture(autouse=True)

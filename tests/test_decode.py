@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.decode import DecodeError, decode_bytes, decode_file
+from pipeline.inputs.decode import DecodeError, decode_bytes, decode_file
 
 LIMIT = 89_478_485
 

@@ -15,11 +15,13 @@ import pytest
 from click.testing import CliRunner
 
 import fakes
-from pipeline import api, catalog, descriptor
+from pipeline import api
 from pipeline.cli import main
-from pipeline.decode import decode_file
-from pipeline.descriptor import Descriptor
+from pipeline.embed import descriptor
+from pipeline.embed.descriptor import Descriptor
 from pipeline.errors import CbirError
+from pipeline.inputs.decode import decode_file
+from pipeline.store import catalog
 
 
 @pytest.fixture(autouse=True)

@@ -13,10 +13,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline import api, descriptor
-from pipeline.decode import decode_file
-from pipeline.embed import load_embedder
+from pipeline import api
+from pipeline.embed import descriptor
+from pipeline.embed.interface import load_embedder
 from pipeline.errors import CbirError
+from pipeline.inputs.decode import decode_file
 
 pytestmark = pytest.mark.slow
 HOLIDAYS = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "holidays150" / "images"

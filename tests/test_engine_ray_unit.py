@@ -15,10 +15,10 @@ import pytest
 pytest.importorskip("ray")
 
 import fakes  # noqa: E402
-from pipeline import engine_ray  # noqa: E402
-from pipeline.decode import DecodeError, decode_file  # noqa: E402
-from pipeline.jobs import Embedded  # noqa: E402
-from pipeline.scan import ScannedFile  # noqa: E402
+from pipeline.ingest import engine_ray  # noqa: E402
+from pipeline.ingest.jobs import Embedded  # noqa: E402
+from pipeline.inputs.decode import DecodeError, decode_file  # noqa: E402
+from pipeline.inputs.scan import ScannedFile  # noqa: E402
 
 
 def test_actor_block_round_trip(tmp_path: Path, monkeypatch):

@@ -8,7 +8,8 @@ import pytest
 
 import fakes
 import pipeline
-from pipeline import api, evaluation
+from pipeline import api
+from pipeline.evaluation import labels as evaluation
 
 
 @pytest.fixture

@@ -19,8 +19,11 @@ from click.testing import CliRunner
 
 import fakes
 import pipeline
-from pipeline import api, catalog, evaluation, instance_eval, vectors
+from pipeline import api
 from pipeline.cli import main
+from pipeline.evaluation import instances as instance_eval
+from pipeline.evaluation import labels as evaluation
+from pipeline.store import catalog, vectors
 
 N = 14  # catalog images img0_0000.jpg ... img0_0013.jpg (fakes.make_images, seed 0)
 

@@ -15,9 +15,10 @@ from click.testing import CliRunner
 
 import fakes
 from fakes import assert_same, snapshot
-from pipeline import api, catalog, vectors
+from pipeline import api
 from pipeline.cli import main
 from pipeline.errors import CbirError
+from pipeline.store import catalog, vectors
 
 
 @pytest.fixture(autouse=True)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline.metrics import average_precision, precision_at, recall_at
+from pipeline.retrieval.metrics import average_precision, precision_at, recall_at
 
 
 def test_ap_by_hand():

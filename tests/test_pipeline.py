@@ -15,9 +15,9 @@ from PIL import Image
 
 import pipeline
 from conftest import COREL, copy_collection, write_manifest
-from pipeline import catalog
 from pipeline.cli import main
 from pipeline.errors import CbirError
+from pipeline.store import catalog
 
 pytestmark = pytest.mark.slow
 
@@ -246,7 +246,7 @@ def test_incremental_changes_duplicates_and_prune(tmp_path, weights, corel_db_ro
 
 
 def test_fingerprint_mismatch_is_refused(tmp_path, weights, corel_collection):
-    from pipeline.embed_keras import import_keras
+    from pipeline.embed.runtime_keras import import_keras
 
     keras = import_keras()
     model = keras.applications.ResNet50(

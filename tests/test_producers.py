@@ -9,8 +9,9 @@ import pytest
 from click.testing import CliRunner
 
 import fakes
-from pipeline import api, catalog
+from pipeline import api
 from pipeline.cli import main
+from pipeline.store import catalog
 
 
 @pytest.fixture(autouse=True)
@@ -96,14 +97,15 @@ def test_without_openvino_auto_falls_back_to_keras_with_one_notice(tmp_path, mon
 
 
 def test_keras_runs_fp32_only():
-    from pipeline import embed
+    from pipeline.embed import interface as embed
 
     with pytest.raises(Exception, match="fp32 only"):
         embed.load_embedder("imagenet", 1, "avg", "keras", "int8")
 
 
 def test_bench_extract_compares_every_producer_with_keras(tmp_path):
-    from pipeline import bench, cpu
+    from pipeline.bench import extract as bench
+    from pipeline.embed import cpu
 
     fakes.make_images(tmp_path / "imgs", 12)
     result = bench.bench_extract(str(tmp_path / "imgs"), api.settings_for(batch_size=4))

@@ -12,7 +12,7 @@ from click.testing import CliRunner
 import pipeline
 from conftest import write_manifest
 from pipeline.cli import main
-from pipeline.ranking import Rerank, ranked
+from pipeline.retrieval.ranking import Rerank, ranked
 
 
 def test_ties_are_broken_by_id_and_scores_are_exact():

@@ -25,8 +25,9 @@ ray = pytest.importorskip("ray")
 from ray.cluster_utils import Cluster  # noqa: E402
 
 import fakes  # noqa: E402
-from pipeline import api, catalog  # noqa: E402
+from pipeline import api  # noqa: E402
 from pipeline.errors import CbirError  # noqa: E402
+from pipeline.store import catalog  # noqa: E402
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]

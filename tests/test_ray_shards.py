@@ -17,8 +17,10 @@ import pytest
 from click.testing import CliRunner
 
 import fakes
-from pipeline import api, catalog, collection, factories, indexes
+from pipeline import api
 from pipeline.cli import main
+from pipeline.retrieval import factories, indexes
+from pipeline.store import catalog, collection
 
 pytestmark = pytest.mark.slow
 ray = pytest.importorskip("ray")

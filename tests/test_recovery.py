@@ -15,8 +15,8 @@ import pytest
 
 import pipeline
 from conftest import COREL, ROOT, write_manifest
-from pipeline import catalog, vectors
 from pipeline.errors import CbirError
+from pipeline.store import catalog, vectors
 
 
 def committed_rows(db_path: Path) -> int:

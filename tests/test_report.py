@@ -9,7 +9,7 @@ from typing import Any
 
 from PIL import Image
 
-from pipeline.report import THUMB_SIZE, write_report
+from pipeline.evaluation.report import THUMB_SIZE, write_report
 
 ODD = "<b>&"  # a label that must be escaped
 
@@ -62,7 +62,7 @@ def make_images(root: Path) -> dict[str, str]:
 
 
 def fake_result(paths: dict[str, str]) -> dict[str, Any]:
-    """A result shaped like pipeline.evaluation.evaluate's, with 3 classes and 6 queries."""
+    """A result shaped like pipeline.evaluation.labels.evaluate's, with 3 classes and 6 queries."""
     label_of = {
         "red": "cats",
         "green": "cats",

@@ -37,7 +37,7 @@ import base64, io, sys
 sys.path.insert(0, sys.argv[1])
 import fakes, pipeline.api
 pipeline.api.cached_embedder = fakes.cached
-from pipeline.serve import open_app
+from pipeline.web.server import open_app
 catalog, index_dir, route, image = sys.argv[2:6]
 settings = pipeline.api.settings_for(catalog=catalog, index_dir=index_dir)
 client = open_app(settings, thumbs_dir=index_dir + ".thumbs").test_client()

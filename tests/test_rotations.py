@@ -18,10 +18,11 @@ from PIL import Image
 
 import fakes
 import pipeline
-from pipeline import api, config, ranking
+from pipeline import api, config
 from pipeline.cli import main
-from pipeline.decode import decode_file
 from pipeline.errors import CbirError
+from pipeline.inputs.decode import decode_file
+from pipeline.retrieval import ranking
 
 ALL = "0,90,180,270"
 
@@ -124,7 +125,7 @@ def test_merged_results_are_each_images_best_score(coll):
     for a in (0, 90, 180, 270):
         pixels = decode_file(str(q), 10**8, a).pixels[None]
         per_angle.append(fakes.FakeEmbedder().embed(pixels)[0])
-    from pipeline.collection import reading
+    from pipeline.store.collection import reading
 
     c = reading(str(coll / "c.db"), str(coll / "idx"))
     try:

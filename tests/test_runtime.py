@@ -21,9 +21,10 @@ import numpy as np
 import pytest
 
 from conftest import COREL, ROOT, corel_rows
-from pipeline import cpu, metrics
+from pipeline.embed import cpu
+from pipeline.embed.modelcache import MANIFEST, ModelCache, default_root, make_key
 from pipeline.errors import CbirError
-from pipeline.modelcache import MANIFEST, ModelCache, default_root, make_key
+from pipeline.retrieval import metrics
 
 try:
     import openvino  # noqa: F401
@@ -148,7 +149,7 @@ def test_leftovers_of_a_crashed_builder_are_swept(tmp_path):
 BUILDER = """
 import sys, time
 from pathlib import Path
-from pipeline.modelcache import ModelCache
+from pipeline.embed.modelcache import ModelCache
 def build(folder):
     with open(sys.argv[2], "a") as f:
         f.write("built\\n")
@@ -181,7 +182,7 @@ def test_two_processes_building_at_once_leave_one_entry_built_once(tmp_path):
 
 
 def test_without_locks_the_rename_race_still_leaves_one_valid_entry(tmp_path, monkeypatch):
-    from pipeline import modelcache
+    from pipeline.embed import modelcache
 
     monkeypatch.setattr(modelcache, "fcntl", None)  # as on a platform without flock
     both_building = threading.Barrier(2)
@@ -268,7 +269,7 @@ def test_describe_is_one_line():
 
 
 def test_calibration_choice_is_deterministic_and_order_free():
-    from pipeline.embed_openvino import choose_calibration
+    from pipeline.embed.runtime_openvino import choose_calibration
 
     paths = [f"/photos/{i:04d}.jpg" for i in range(1000)]
     chosen = choose_calibration(paths, 300)
@@ -279,7 +280,7 @@ def test_calibration_choice_is_deterministic_and_order_free():
 
 
 def test_calibration_id_depends_on_contents_only(tmp_path):
-    from pipeline.embed_openvino import calibration_id
+    from pipeline.embed.runtime_openvino import calibration_id
 
     for name, data in (("a.jpg", b"one"), ("b.jpg", b"two"), ("c/b.jpg", b"two")):
         (tmp_path / name).parent.mkdir(exist_ok=True)
@@ -293,7 +294,7 @@ def test_calibration_id_depends_on_contents_only(tmp_path):
 
 
 def test_missing_openvino_is_one_line_with_the_install_command(monkeypatch):
-    from pipeline import embed_openvino
+    from pipeline.embed import runtime_openvino as embed_openvino
 
     monkeypatch.setitem(sys.modules, "openvino", None)  # import openvino now raises ImportError
     with pytest.raises(CbirError, match=r"pip install -e '\.\[openvino\]'") as e:
@@ -303,7 +304,7 @@ def test_missing_openvino_is_one_line_with_the_install_command(monkeypatch):
 
 @needs_openvino
 def test_bf16_is_refused_on_a_cpu_without_it(monkeypatch, tmp_path):
-    from pipeline import embed_openvino
+    from pipeline.embed import runtime_openvino as embed_openvino
 
     monkeypatch.setattr(embed_openvino.cpu, "detect", lambda: features("avx2 avx512f"))
     with pytest.raises(CbirError, match="bf16 needs a CPU with AVX512-BF16 or AMX") as e:
@@ -322,7 +323,7 @@ def test_bf16_is_refused_on_a_cpu_without_it(monkeypatch, tmp_path):
     ],
 )
 def test_bad_options_are_refused_before_any_conversion(tmp_path, options, message):
-    from pipeline import embed_openvino
+    from pipeline.embed import runtime_openvino as embed_openvino
 
     with pytest.raises(CbirError, match=message):
         embed_openvino.load(**{"weights": "imagenet", "cache_dir": str(tmp_path), **options})
@@ -334,7 +335,7 @@ def test_bad_options_are_refused_before_any_conversion(tmp_path, options, messag
 
 def corel_pixels(rows: list[dict[str, str]]) -> np.ndarray:
     from pipeline.config import Settings
-    from pipeline.decode import decode_file
+    from pipeline.inputs.decode import decode_file
 
     return np.stack([decode_file(str(COREL / r["path"]), Settings.max_pixels).pixels for r in rows])
 
@@ -352,7 +353,7 @@ def ov_cache(tmp_path_factory) -> str:
 
 @pytest.fixture(scope="module")
 def keras_avg(weights):
-    from pipeline import embed_keras
+    from pipeline.embed import runtime_keras as embed_keras
 
     return embed_keras.load(weights, 32, "avg")
 
@@ -365,7 +366,8 @@ def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 @needs_openvino
 @pytest.mark.parametrize("pooling", ["avg", "gem"])
 def test_fp32_vectors_equal_keras(weights, ov_cache, pixels16, keras_avg, pooling):
-    from pipeline import embed_keras, embed_openvino
+    from pipeline.embed import runtime_keras as embed_keras
+    from pipeline.embed import runtime_openvino as embed_openvino
 
     keras = keras_avg if pooling == "avg" else embed_keras.load(weights, 32, pooling)
     ov = embed_openvino.load(weights, 8, pooling, "fp32", cache_dir=ov_cache)
@@ -394,7 +396,7 @@ def top10(vectors: np.ndarray) -> np.ndarray:
 @pytest.mark.slow
 @needs_openvino
 def test_bf16_and_int8_keep_the_neighbours(weights, ov_cache):
-    from pipeline import embed_openvino
+    from pipeline.embed import runtime_openvino as embed_openvino
 
     rows = corel_rows("database", 10)  # 100 images querying each other
     pixels = corel_pixels(rows)
@@ -421,7 +423,7 @@ def test_damaged_cache_entry_is_rebuilt_and_correct(
 ):
     import shutil
 
-    from pipeline import embed_openvino
+    from pipeline.embed import runtime_openvino as embed_openvino
 
     embed_openvino.load(weights, 32, "avg", "fp32", cache_dir=ov_cache)
     shutil.copytree(ov_cache, tmp_path / "cache")  # damage a copy, not the shared cache
@@ -442,7 +444,7 @@ def test_damaged_cache_entry_is_rebuilt_and_correct(
 
 EMBED_ONE = """
 import sys, numpy as np
-from pipeline import embed_openvino
+from pipeline.embed.interface import runtime_openvino as embed_openvino
 e = embed_openvino.load(sys.argv[1], 32, "avg", "fp32", cache_dir=sys.argv[2])
 v = e.embed(np.full((1, 224, 224, 3), 128, np.uint8))
 print(" ".join(f"{x:.6f}" for x in v[0, :8]), "tensorflow" in sys.modules, "keras" in sys.modules)
@@ -462,7 +464,7 @@ def embed_one(weights: str, cache: str) -> subprocess.Popen:
 @pytest.mark.slow
 @needs_openvino
 def test_two_processes_filling_the_cache_leave_one_valid_entry(weights, tmp_path):
-    from pipeline import embed_openvino
+    from pipeline.embed import runtime_openvino as embed_openvino
 
     procs = [embed_one(weights, str(tmp_path)) for _ in range(2)]
     outs = [p.communicate(timeout=300) for p in procs]
@@ -476,7 +478,7 @@ def test_two_processes_filling_the_cache_leave_one_valid_entry(weights, tmp_path
 @pytest.mark.slow
 @needs_openvino
 def test_building_from_the_cache_imports_no_tensorflow(weights, ov_cache):
-    from pipeline import embed_openvino
+    from pipeline.embed import runtime_openvino as embed_openvino
 
     embed_openvino.load(weights, 32, "avg", "fp32", cache_dir=ov_cache)  # make sure it is there
     started = time.perf_counter()

@@ -16,7 +16,7 @@ from PIL import Image, ImageEnhance, ImageOps
 
 from conftest import COREL, SHARED, corel_rows
 from pipeline import api
-from pipeline.decode import decode_bytes, decode_file
+from pipeline.inputs.decode import decode_bytes, decode_file
 
 pytestmark = pytest.mark.slow
 pytest.importorskip("openvino")
@@ -24,7 +24,7 @@ HOLIDAYS = SHARED / "datasets" / "holidays150"
 
 
 def models(weights: str, calibration_source: list[str]):
-    from pipeline.embed_openvino import choose_calibration
+    from pipeline.embed.runtime_openvino import choose_calibration
 
     keras = api.cached_embedder(weights, 32, "avg", "keras", "fp32")
     int8 = api.cached_embedder(

@@ -10,10 +10,12 @@ from PIL import Image
 
 import pipeline
 from conftest import copy_collection
-from pipeline import autoindex, collection, exact, factories, index_files, indexes, synth
-from pipeline.bench import bench_scale
-from pipeline.embed import l2_normalize
+from pipeline.bench import synth
+from pipeline.bench.extract import bench_scale
+from pipeline.embed.interface import l2_normalize
 from pipeline.errors import CbirError
+from pipeline.retrieval import autoindex, exact, factories, index_files, indexes
+from pipeline.store import collection
 
 
 def clustered(n: int, dim: int = 64, centres: int = 20, seed: int = 0) -> np.ndarray:

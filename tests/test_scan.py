@@ -7,7 +7,7 @@ import os
 import pytest
 
 from pipeline.errors import CbirError
-from pipeline.scan import scan
+from pipeline.inputs.scan import scan
 
 
 def touch(path, data=b"x"):

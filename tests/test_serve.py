@@ -38,7 +38,8 @@ def with_fake_model(fn):
 
 
 def open_app(options: dict, **kwargs):
-    from pipeline import api, serve
+    from pipeline import api
+    from pipeline.web import server as serve
 
     return with_fake_model(lambda: serve.open_app(api.settings_for(**options), **kwargs))
 
@@ -520,7 +521,7 @@ def test_is_loopback(host, loopback):
 
 def test_required_token():
     from pipeline.errors import CbirError
-    from pipeline.serve import required_token
+    from pipeline.web.server import required_token
 
     assert required_token("127.0.0.1", None, False) is None
     assert required_token("::1", "tok", False) == "tok"  # given on loopback: required there too
@@ -548,8 +549,8 @@ def test_serve_refuses_an_exposed_address_without_a_token(tmp_path):
 
 def test_waitress_serves_the_app(guarded, collection):
     """The real server: auth over HTTP, and a short burst of concurrent clients."""
-    from pipeline.serve import running
     from pipeline.web.load import Job, run
+    from pipeline.web.server import running
 
     items = [(r["id"], r["path"]) for r in (row(collection, n) for n in range(0, N_IMAGES, 6))]
     with running(guarded, threads=4) as url:
@@ -573,7 +574,8 @@ def test_waitress_serves_the_app(guarded, collection):
 
 @pytest.fixture(scope="module")
 def corel_app(corel_collection, tmp_path_factory):
-    from pipeline import api, serve
+    from pipeline import api
+    from pipeline.web import server as serve
 
     settings = api.settings_for(
         **{k: corel_collection[k] for k in ("catalog", "index_dir", "weights")}

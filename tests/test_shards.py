@@ -23,18 +23,11 @@ from PIL import Image
 
 import fakes
 from fakes import cli, ok, one_line_error, opts, run_child
-from pipeline import (
-    api,
-    bench_shards,
-    catalog,
-    collection,
-    factories,
-    faults,
-    growing,
-    index_files,
-    indexes,
-)
+from pipeline import api, faults
+from pipeline.bench import shards as bench_shards
 from pipeline.errors import CbirError
+from pipeline.retrieval import factories, growing, index_files, indexes
+from pipeline.store import catalog, collection
 
 FAKES = str(Path(fakes.__file__).resolve())
 

@@ -11,9 +11,11 @@ import numpy as np
 import pytest
 
 import fakes
-from pipeline import autoindex, catalog, collection, exact, jobs, vectors
 from pipeline.errors import CbirError
-from pipeline.scan import scan
+from pipeline.ingest import jobs
+from pipeline.inputs.scan import scan
+from pipeline.retrieval import autoindex, exact
+from pipeline.store import catalog, collection, vectors
 
 
 def row(i: int, path: str, status: str = "indexed", **extra) -> dict:

@@ -11,11 +11,11 @@ import pytest
 
 import pipeline
 from conftest import COREL
-from pipeline import catalog
-from pipeline.decode import decode_file
-from pipeline.embed import gem
+from pipeline.embed.interface import gem
 from pipeline.errors import CbirError
-from pipeline.train import stratified_split, train
+from pipeline.evaluation.train import stratified_split, train
+from pipeline.inputs.decode import decode_file
+from pipeline.store import catalog
 
 pytestmark = pytest.mark.slow
 

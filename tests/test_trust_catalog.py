@@ -21,8 +21,10 @@ import pytest
 
 import fakes
 from fakes import cli, ok, one_line_error, opts
-from pipeline import api, catalog, serve
+from pipeline import api
 from pipeline.errors import CbirError
+from pipeline.store import catalog
+from pipeline.web import server as serve
 
 Q = 5  # the image whose row is damaged, and the query
 

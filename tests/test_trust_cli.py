@@ -19,10 +19,11 @@ from pathlib import Path
 import pytest
 
 import fakes
-from pipeline import api, catalog, errors
+from pipeline import api, errors
 from pipeline.errors import CbirError
-from pipeline.report import write_report
-from pipeline.scan import read_label_csv
+from pipeline.evaluation.report import write_report
+from pipeline.inputs.scan import read_label_csv
+from pipeline.store import catalog
 
 N_IMAGES = 8
 HAS_RAY = importlib.util.find_spec("ray") is not None

@@ -23,7 +23,9 @@ import pytest
 
 import fakes
 from fakes import cli, ok, one_line_error, opts
-from pipeline import api, catalog, collection, factories, index_files, indexes, whitening
+from pipeline import api
+from pipeline.retrieval import factories, index_files, indexes, whitening
+from pipeline.store import catalog, collection
 
 
 @pytest.fixture(autouse=True)

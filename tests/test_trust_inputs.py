@@ -18,9 +18,12 @@ import pytest
 from PIL import Image
 
 import fakes
-from pipeline import api, embed_keras, embed_openvino, files, whitening
-from pipeline.decode import MAX_ASPECT_RATIO, DecodeError, decode_bytes, decode_file
+from pipeline import api, files
+from pipeline.embed import runtime_keras as embed_keras
+from pipeline.embed import runtime_openvino as embed_openvino
 from pipeline.errors import CbirError
+from pipeline.inputs.decode import MAX_ASPECT_RATIO, DecodeError, decode_bytes, decode_file
+from pipeline.retrieval import whitening
 from pipeline.web.slots import decode_cost
 
 
@@ -107,7 +110,7 @@ def test_the_web_budget_counts_the_upscaled_pixels():
 @pytest.fixture
 def web(coll, tmp_path):
     pytest.importorskip("flask")
-    from pipeline.serve import open_app
+    from pipeline.web.server import open_app
 
     options = {"catalog": str(coll / "c.db"), "index_dir": str(coll / "idx")}
     return open_app(api.settings_for(**options), thumbs_dir=tmp_path / "thumbs").test_client()

@@ -27,7 +27,7 @@ from pipeline.errors import CbirError
 openvino = pytest.importorskip("openvino")
 pytest.importorskip("nncf")
 
-from pipeline import embed_openvino  # noqa: E402
+from pipeline.embed import runtime_openvino as embed_openvino  # noqa: E402
 
 # -- damage, each keeping the file's name (and, but for truncation, its size)
 
@@ -213,8 +213,8 @@ def stored_vector(state: Path, path: Path) -> np.ndarray:
 
 def query_vector(state: Path, image: Path, *options: str) -> np.ndarray:
     """The vector the catalog's model gives `image` now (as `cbir search` would embed it)."""
-    from pipeline.collection import reading
-    from pipeline.decode import decode_file
+    from pipeline.inputs.decode import decode_file
+    from pipeline.store.collection import reading
 
     api.cached_embedder.cache_clear()
     s = api.settings_for(catalog=str(state / "c.db"), index_dir=str(state / "idx"))

@@ -21,7 +21,9 @@ import pytest
 
 import fakes
 from fakes import assert_same, cli, ok, one_line_error, snapshot
-from pipeline import api, indexes, vectors
+from pipeline import api
+from pipeline.retrieval import indexes
+from pipeline.store import vectors
 
 N = 40
 BAD = 7  # the damaged row
@@ -187,7 +189,7 @@ def test_evaluate_refuses_a_damaged_row(damaged, tmp_path, form):
 
 def test_web_search_leaves_the_damaged_row_out(damaged):
     pytest.importorskip("flask")
-    from pipeline import serve
+    from pipeline.web import server as serve
 
     app = serve.open_app(
         api.settings_for(**options(damaged["coll"])), thumbs_dir=damaged["coll"] / "thumbs"

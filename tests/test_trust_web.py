@@ -43,7 +43,8 @@ def opened_in(folder: Path, **kwargs):
     """The app as `cd FOLDER && cbir serve` opens it (no path given); the working directory
     is back where it was before any request."""
     import pipeline.api
-    from pipeline import api, serve
+    from pipeline import api
+    from pipeline.web import server as serve
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(pipeline.api, "cached_embedder", fakes.cached)

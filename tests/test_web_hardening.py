@@ -45,7 +45,7 @@ def make_collection(tmp_path: Path, n: int = 40) -> dict[str, str]:
 def serve(options: dict[str, str], tmp_path: Path, **kwargs):
     """A fresh app: the collection opened and the (fake) model loaded, as `cbir serve` does."""
     from pipeline import api
-    from pipeline.serve import open_app
+    from pipeline.web.server import open_app
 
     return open_app(api.settings_for(**options), thumbs_dir=tmp_path / "thumbs", **kwargs)
 
@@ -180,7 +180,7 @@ def test_server_follows_consecutive_jobs(fake_model, tmp_path):
     ],
 )
 def test_a_busy_catalog_is_a_one_line_503(fake_model, tmp_path, monkeypatch, error):
-    from pipeline import catalog
+    from pipeline.store import catalog
 
     app = serve(make_collection(tmp_path, 10), tmp_path)
     client = app.test_client()
@@ -225,7 +225,7 @@ def test_hostile_json_is_a_one_line_400(fake_model, tmp_path, body):
 
 def test_integrity_failures_are_500_and_name_no_server_path(fake_model, tmp_path):
     import pipeline
-    from pipeline import catalog, vectors
+    from pipeline.store import catalog, vectors
 
     options = make_collection(tmp_path, 20)
     pipeline.build_index("flat2", factory="Flat", **options)
@@ -404,7 +404,7 @@ def test_huge_jpeg_is_decoded_at_a_fraction(tmp_path):
 def test_thumbnails_of_large_and_turned_images(fake_model, tmp_path):
     from PIL import Image
 
-    from pipeline.thumbs import thumbnail_bytes
+    from pipeline.inputs.thumbs import thumbnail_bytes
 
     app = serve(make_collection(tmp_path, 10), tmp_path, max_upload=64 << 20)
     page = app.test_client().post("/search", data={"image": (io.BytesIO(big_png(2000)), "b.png")})

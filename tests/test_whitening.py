@@ -21,8 +21,10 @@ from PIL import Image
 
 import fakes
 from fakes import cli, ok, one_line_error, opts
-from pipeline import api, catalog, collection, factories, faults, indexes, whitening
+from pipeline import api, faults
 from pipeline.errors import CbirError
+from pipeline.retrieval import factories, indexes, whitening
+from pipeline.store import catalog, collection
 
 CLASSES, PER_CLASS = 4, 30  # 120 images: 96 fit the whitening, 24 validate it
 

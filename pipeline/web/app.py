@@ -16,11 +16,12 @@ from flask import Flask, Response, jsonify, render_template, request, send_file
 from werkzeug.exceptions import HTTPException
 from werkzeug.routing import IntegerConverter
 
-from pipeline import api, catalog, files
-from pipeline.collection import Collection
+from pipeline import api, files
 from pipeline.config import Settings
-from pipeline.embed import Embedder
+from pipeline.embed.interface import Embedder
 from pipeline.errors import NotFoundError
+from pipeline.store import catalog
+from pipeline.store.collection import Collection
 from pipeline.web import auth, carry, params
 from pipeline.web.carry import CarriedQuery
 from pipeline.web.failures import BadRequest, status_and_message

@@ -16,8 +16,8 @@ from typing import Any
 
 import numpy as np
 
-from pipeline import descriptor
-from pipeline.embed import Embedder
+from pipeline.embed import descriptor
+from pipeline.embed.interface import Embedder
 
 
 @dataclass

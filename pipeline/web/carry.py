@@ -24,9 +24,10 @@ from typing import Any
 
 from PIL import Image
 
-from pipeline import api, thumbs
-from pipeline.decode import DecodeError, decode_bytes
-from pipeline.descriptor import MAX_ASPECT, SIZE_RANGE
+from pipeline import api
+from pipeline.embed.descriptor import MAX_ASPECT, SIZE_RANGE
+from pipeline.inputs import thumbs
+from pipeline.inputs.decode import DecodeError, decode_bytes
 from pipeline.web.failures import BadRequest
 
 # Base64 characters: a 224x224 RGB PNG is at most ~151 KB (~201 KB encoded);

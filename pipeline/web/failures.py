@@ -12,8 +12,8 @@ import re
 import sqlite3
 
 from pipeline import errors
-from pipeline.catalog import CatalogNotReady
 from pipeline.errors import CbirError, NotFoundError, StaleIndexError
+from pipeline.store.catalog import CatalogNotReady
 from pipeline.web.slots import Busy
 
 log = logging.getLogger("cbir")

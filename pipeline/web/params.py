@@ -90,7 +90,7 @@ def _index(value: Any) -> str:
 
 
 def _rerank(value: Any) -> str:
-    from pipeline.ranking import parse_rerank  # imports FAISS, loaded by then anyway
+    from pipeline.retrieval.ranking import parse_rerank  # imports FAISS, loaded by then anyway
 
     return "+".join(parse_rerank(config.check("rerank", value)))
 

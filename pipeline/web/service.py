@@ -17,13 +17,15 @@ from typing import Any
 
 import numpy as np
 
-from pipeline import api, catalog, indexes, vectors
-from pipeline.collection import Collection
+from pipeline import api
 from pipeline.config import Settings
-from pipeline.decode import DecodeError, decode_bytes
-from pipeline.embed import Embedder
+from pipeline.embed.interface import Embedder
 from pipeline.errors import CbirError, NotFoundError
-from pipeline.thumbs import thumbnail_bytes
+from pipeline.inputs.decode import DecodeError, decode_bytes
+from pipeline.inputs.thumbs import thumbnail_bytes
+from pipeline.retrieval import indexes
+from pipeline.store import catalog, vectors
+from pipeline.store.collection import Collection
 from pipeline.web.batcher import MicroBatcher
 from pipeline.web.carry import CarriedQuery, from_upload
 from pipeline.web.failures import CATALOG_BUSY, BadRequest

@@ -18,8 +18,8 @@ from typing import Any, BinaryIO
 from PIL import Image
 
 from pipeline import files
-from pipeline.decode import SIZE, resized
-from pipeline.thumbs import THUMB_SIZE
+from pipeline.inputs.decode import SIZE, resized
+from pipeline.inputs.thumbs import THUMB_SIZE
 
 # Decoded pixels in flight at once: two images at the default max_pixels, about
 # 0.7 GB as Pillow's 4-byte pixels. A larger image still runs, alone.
