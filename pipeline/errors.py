@@ -34,6 +34,10 @@ class StaleIndexError(CbirError):
     """An approximate index older than the catalog: rebuild it (HTTP 409)."""
 
 
+class CatalogNotReady(CbirError):
+    """A reader found a catalog that a writer is creating or has yet to upgrade (HTTP 503)."""
+
+
 def _log_file(catalog: str | None) -> Path:
     """Where a traceback goes: beside the catalog, or the temp folder if that is not writable."""
     catalog = catalog or os.environ.get("CBIR_CATALOG") or "catalog.db"

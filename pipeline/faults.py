@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 
-from pipeline import config
+from pipeline import specs
 
 CRASH_AFTER = "CBIR_CRASH_AFTER"
 CRASH_LOG = "CBIR_CRASH_LOG"
@@ -33,5 +33,5 @@ def step(what: str) -> None:
         with open(log, "a") as f:
             f.write(f"{_count} {what}\n")
     # Checked (a whole number from 1) when the command started; here too for API callers.
-    if target and _count == config.env_int(CRASH_AFTER):
+    if target and _count == specs.env_int(CRASH_AFTER):
         os._exit(CRASH_EXIT)

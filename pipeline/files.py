@@ -6,6 +6,8 @@ user's word is opened without blocking, checked by `fstat` on the open
 descriptor (what is checked is what is read, even if the name is swapped
 meanwhile) to be a regular file within the limit of its kind, and read no
 further than that limit even if it grows while being read.
+
+Also `shown`: a file name as a page or report prints it (any layer may show one).
 """
 
 from __future__ import annotations
@@ -49,6 +51,11 @@ class UnusableFile(CbirError):
     def __init__(self, what: str, path: str | os.PathLike, reason: str):
         super().__init__(f"{what} file {os.fsdecode(path)}: {reason}")
         self.reason = reason
+
+
+def shown(text: str) -> str:
+    """A file name as printable text: undecodable bytes become U+FFFD (display only)."""
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
 
 
 def image_max_bytes(max_pixels: int) -> int:

@@ -30,9 +30,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from pipeline.config import Settings  # noqa: E402
-from pipeline.embed import cpu  # noqa: E402
+from pipeline.embed import cpu, openvino_convert  # noqa: E402
 from pipeline.embed import runtime_keras as embed_keras  # noqa: E402
 from pipeline.embed import runtime_openvino as embed_openvino  # noqa: E402
+from pipeline.embed.calibration import choose_calibration  # noqa: E402
 from pipeline.embed.interface import l2_normalize, preprocess  # noqa: E402
 from pipeline.embed.modelcache import ModelCache  # noqa: E402
 from pipeline.inputs.decode import decode_file  # noqa: E402
@@ -42,7 +43,7 @@ SHARED = ROOT.parent / "shared"
 COLD_START = """
 import sys, numpy as np
 sys.path.insert(0, {root!r})
-from pipeline import {module} as m
+from pipeline.embed import {module} as m
 e = m.load({weights!r}, {batch}, "avg", *{args!r})
 e.embed(np.zeros((1, 224, 224, 3), np.uint8))
 """
@@ -171,7 +172,7 @@ def main() -> None:
         [decode_file(str(corel / r["path"]), Settings.max_pixels).pixels for r in rows]
     )
     # From the database split only: the held-out queries must not tune the quantiser.
-    calibration = embed_openvino.choose_calibration(
+    calibration = choose_calibration(
         [str(corel / r["path"]) for r in all_rows if r["split"] == "database"], args.calibration
     )
     features = cpu.detect()
@@ -189,14 +190,14 @@ def main() -> None:
         embedders["keras fp32"] = keras.embed
         times["keras fp32"] = {"convert": time.perf_counter() - started}
 
-        cold_args = {"keras fp32": ("embed_keras", ())}
+        cold_args = {"keras fp32": ("runtime_keras", ())}
         for precision in embed_openvino.PRECISIONS:
             if precision == "bf16" and not features.bf16:
                 print("openvino bf16: skipped (no AVX512-BF16 or AMX here)")
                 continue
             cal = calibration if precision == "int8" else None
             e = embed_openvino.load(args.weights, args.batch, "avg", precision, cal, str(cache))
-            parts = embed_openvino.cache_parts(
+            parts = openvino_convert.cache_parts(
                 args.weights, "avg", precision, e.producer["calibration"]
             )
             meta = ModelCache(cache).load(parts).meta
@@ -206,7 +207,7 @@ def main() -> None:
                 "convert": None if precision == "bf16" else meta["conversion_seconds"],
                 "quantize": meta.get("quantization_seconds"),
             }
-            cold_args[name] = ("embed_openvino", (precision, cal, str(cache)))
+            cold_args[name] = ("runtime_openvino", (precision, cal, str(cache)))
 
         if not args.no_onnx:
             try:

@@ -23,7 +23,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from pipeline.embed.interface import DIM, Embedder, l2_normalize, preprocess  # noqa: E402
-from pipeline.store import catalog, vectors  # noqa: E402
+from pipeline.store import catalog, reads, schema, seals, vectors  # noqa: E402
 
 FAKE_FINGERPRINT = {
     "architecture": "fake-projection (tests)",
@@ -106,7 +106,7 @@ def cached(
     delay: float = 0.0,
     log: str | None = None,
 ) -> Embedder:
-    """Stands in for pipeline.api.cached_embedder (same arguments): tests patch it in."""
+    """Stands in for pipeline.api.models.cached_embedder (same arguments): tests patch it in."""
     return FakeEmbedder(batch_size, delay, runtime, precision, log, descriptor)
 
 
@@ -114,7 +114,7 @@ def install(delay: float = 0.0) -> None:
     """Make every model load in this process return the fake model."""
     from pipeline import api
 
-    api.cached_embedder = lambda *args: cached(*args, delay=delay)
+    api.models.cached_embedder = lambda *args: cached(*args, delay=delay)
 
 
 def make_images(folder: Path, n: int, seed: int = 0, size: int = 48) -> list[Path]:
@@ -139,7 +139,7 @@ def index_record(state: Path, name: str) -> dict | None:
     """The catalog's record of index `name` in a test's state folder (`opts(state)`)."""
     db = catalog.open_reader(state / "c.db")
     try:
-        return catalog.index_record(db, name)
+        return reads.index_record(db, name)
     finally:
         db.conn.close()
 
@@ -147,7 +147,7 @@ def index_record(state: Path, name: str) -> dict | None:
 def snapshot(cat: Path) -> dict[str, tuple]:
     """path -> (status, label, sha256, size, mtime, error, vector or None): what a user owns."""
     db = catalog.open_reader(cat)
-    dim, committed = catalog.dimension(db), catalog.next_id(db)
+    dim, committed = reads.dimension(db), reads.next_id(db)
     rows = vectors.open_rows(vectors.vectors_path(cat), dim, committed) if dim else None
     out = {}
     for r in db.query("select * from images where id < ?", [committed]):
@@ -314,10 +314,10 @@ def reseal(path: Path) -> None:
     import sqlite3
 
     con = sqlite3.connect(path)
-    con.create_function("cbir_row_crc", -1, catalog.row_crc, deterministic=True)
+    con.create_function("cbir_row_crc", -1, seals.row_crc, deterministic=True)
     with con:
-        for table in catalog.SEALED:
-            con.execute(f"update {table} set row_crc = {catalog._crc_sql(table)}")
+        for table in schema.SEALED:
+            con.execute(f"update {table} set row_crc = {schema.crc_sql(table)}")
     con.close()
 
 
@@ -329,7 +329,7 @@ def as_schema_4(path: Path) -> None:
     with con:
         con.execute("alter table indexes drop column digest")
         con.execute("alter table indexes drop column data_digest")
-        for table in catalog.SEALED:
+        for table in schema.SEALED:
             con.execute(f"alter table {table} drop column row_crc")
         con.execute("update meta set value = '4' where key = 'schema_version'")
     con.execute("pragma wal_checkpoint(truncate)")

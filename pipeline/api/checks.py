@@ -1,4 +1,8 @@
-"""Looking at a collection without changing it: `cbir info` and `cbir verify`."""
+"""`info` and `verify`: what a collection holds, and whether its parts agree.
+
+Both look without changing anything, except `verify(repair=True)`, which first
+drops what cannot be trusted (under the write lock) and then looks.
+"""
 
 from __future__ import annotations
 
@@ -10,14 +14,15 @@ from typing import Any
 import faiss
 import numpy as np
 
+from pipeline.api.models import open_collection, settings_for
 from pipeline.embed.modelcache import ModelCache
 from pipeline.errors import CbirError
 from pipeline.retrieval import factories, index_files, indexes, whitening
-from pipeline.store import catalog, vectors
-from pipeline.store.collection import Collection
+from pipeline.store import reads, seals, vectors
+from pipeline.store.collection import Collection, drop_damaged, reading, writing
 
 
-def collection_info(coll: Collection) -> dict[str, Any]:
+def info_in(coll: Collection) -> dict[str, Any]:
     """What the catalog holds: counts by status and label, fingerprint, indexes, last run.
 
     Counted from every images row, so all are checked first (DamagedRow, one line); meta
@@ -38,7 +43,7 @@ def collection_info(coll: Collection) -> dict[str, Any]:
     }
     vec_path = coll.vectors_path
     idx = []
-    for rec in catalog.index_records(db):
+    for rec in reads.index_records(db):
         path = index_files.index_path(coll.index_dir, rec["name"], rec)
         data = index_files.data_path(path) if index_files.is_ondisk(rec) else None
         missing = not path.exists() or (data is not None and not data.exists())
@@ -71,20 +76,61 @@ def collection_info(coll: Collection) -> dict[str, Any]:
         "catalog": str(coll.path.resolve()),
         "vectors_file": str(vec_path.resolve()),
         "vectors_bytes": vec_path.stat().st_size if vec_path.exists() else 0,
-        "schema_version": catalog.get_meta_int(db, "schema_version"),
+        "schema_version": reads.get_meta_int(db, "schema_version"),
         "images": {
             "total": sum(status.values()),
             "indexed": status.get("indexed", 0),
             "failed": status.get("failed", 0),
         },
         "labels": labels,
-        "fingerprint": catalog.fingerprint(db),
-        "dimension": catalog.dimension(db),
-        "metric": catalog.get_meta(db, "metric"),
-        "generation": catalog.generation(db),
+        "fingerprint": reads.fingerprint(db),
+        "dimension": reads.dimension(db),
+        "metric": reads.get_meta(db, "metric"),
+        "generation": reads.generation(db),
         "indexes": idx,
         "last_run": last_run,
     }
+
+
+def info(config: str | None = None, **options: Any) -> dict[str, Any]:
+    """Counts by status and label, fingerprint, indexes (with staleness), last run."""
+    coll = open_collection(settings_for(config, **options))
+    try:
+        return info_in(coll)
+    finally:
+        coll.close()
+
+
+def verify(config: str | None = None, repair: bool = False, **options: Any) -> dict[str, Any]:
+    """Check catalog, vector file and indexes against each other.
+
+    repair=True first takes the write lock and repairs what can be repaired
+    (migrates an old schema, drops rows left by a torn commit, whose vectors
+    are gone or fail their checksum, or whose own checksum fails (never meta or
+    index records: cbir cannot invent them), cuts uncommitted vector bytes); the
+    report's "repaired" lists what was done.
+    """
+    s = settings_for(config, **options)
+    done: list[str] = []
+    if repair:
+        # drop_lost: rows whose vectors a short vector file lost are dropped (and told)
+        # here only; every other writer refuses such a file.
+        with writing(s.catalog, s.index_dir, create=False, drop_lost=True) as coll:
+            bad = drop_damaged(coll)  # also drops damaged catalog rows, told in coll.repaired
+            done = list(coll.repaired)
+            if bad:
+                done.append(
+                    f"dropped {len(bad)} images whose vectors fail their checksum (ids {bad[:5]}); "
+                    "the next 'cbir index' embeds them again"
+                )
+    # Verify must see a damaged collection too: no vector check on opening.
+    coll = reading(s.catalog, s.index_dir, check=False)
+    try:
+        report = verify_collection(coll)
+    finally:
+        coll.close()
+    report["repaired"] = done
+    return report
 
 
 def verify_collection(coll: Collection) -> dict[str, Any]:
@@ -123,7 +169,7 @@ REPAIR_HINT = (
 def _row_checks(db) -> tuple[list[str], list[str], bool]:
     """(problems, notes, meta_ok): every row of images, meta and indexes against its
     checksum; damaged meta makes every other check meaningless (next_id, dimension)."""
-    if catalog.unsealed(db):
+    if seals.unsealed(db):
         note = (
             "catalog rows carry no checksums yet (written before schema 5), so a changed "
             "value in them goes unseen; the next write ('cbir index', 'cbir build-index' or "
@@ -131,15 +177,15 @@ def _row_checks(db) -> tuple[list[str], list[str], bool]:
         )
         return [], [note], True
     problems = []
-    if bad := catalog.bad_rows(db, "meta"):
-        return [catalog.meta_damage_text([str(k) for k in bad])], [], False
-    if bad := catalog.bad_rows(db, "images"):
+    if bad := seals.bad_rows(db, "meta"):
+        return [seals.meta_damage_text([str(k) for k in bad])], [], False
+    if bad := seals.bad_rows(db, "images"):
         problems.append(
             f"{len(bad)} catalog rows fail their checksum (ids {bad[:5]}): their path, label "
             f"or status was changed by damage; {REPAIR_HINT}"
         )
-    if bad := catalog.bad_rows(db, "indexes"):
-        problems.append(catalog.record_damage_text([str(n) for n in bad]))
+    if bad := seals.bad_rows(db, "indexes"):
+        problems.append(seals.record_damage_text([str(n) for n in bad]))
     return problems, [], True
 
 
@@ -151,7 +197,7 @@ def _verify(coll: Collection) -> dict[str, Any]:
         return {"ok": False, "problems": problems, "notes": notes, "checked": checked}
     dim, committed = coll.dim, coll.next_id
     vec_path = coll.vectors_path
-    ids = catalog.indexed_ids(db)
+    ids = reads.indexed_ids(db)
     checked = {"images": 0, "vectors": 0, "indexes": 0}
     vectors_complete = False
 
@@ -206,7 +252,7 @@ def _verify(coll: Collection) -> dict[str, Any]:
                     problems.append(
                         f"{int(bad.sum())} indexed vectors are not unit length (id {first})"
                     )
-            crcs = catalog.vector_crcs(db)
+            crcs = reads.vector_crcs(db)
             bad = vectors.damaged(stored, ids, crcs)
             if bad:
                 problems.append(
@@ -220,7 +266,7 @@ def _verify(coll: Collection) -> dict[str, Any]:
     elif len(ids):
         problems.append("images are indexed but the catalog records no vector dimension")
 
-    for rec in catalog.index_records(db, check=False):
+    for rec in reads.index_records(db, check=False):
         if not rec.pop("intact"):
             continue  # told above: nothing in it can be trusted
         path = index_files.index_path(index_dir, rec["name"], rec)
@@ -310,7 +356,7 @@ def _verify(coll: Collection) -> dict[str, Any]:
             if not np.allclose(got, want, atol=1e-6):
                 problems.append(f"index {rec['name']}: vectors differ from the vector file")
     known = set()
-    for r in catalog.index_records(db, check=False):
+    for r in reads.index_records(db, check=False):
         path = index_files.index_path(index_dir, r["name"], r)
         known |= (
             {path.name, index_files.data_path(path).name}

@@ -1,1 +1,11 @@
-"""bench."""
+"""`cbir bench ...`: measurements that print figures.
+
+- extract: indexing throughput against the model alone, and `bench scale`
+  (index build time, memory, QPS and recall per size);
+- synth: synthetic vectors made from real features, for `bench scale`;
+- shards: a sharded on-disk build against a single-shot one;
+- distributed: the Ray engine against the local one, the driver's commits;
+- serve: requests/s, p50 and p99 of a real local web server.
+
+May import web, api and every layer below them; only cli may import it.
+"""

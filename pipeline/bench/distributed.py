@@ -30,8 +30,9 @@ from pipeline.config import Settings
 from pipeline.embed.interface import DIM, l2_normalize
 from pipeline.errors import CbirError
 from pipeline.ingest import jobs
+from pipeline.ingest.plan import Plan
 from pipeline.inputs.scan import ScannedFile, scan
-from pipeline.store import catalog
+from pipeline.store import writes
 from pipeline.store.collection import writing
 
 
@@ -172,13 +173,13 @@ def commit_throughput(
             writing(Path(tmp) / "c.db", Path(tmp) / "i") as coll,
         ):
             coll.check_embedder(gen)
-            run_id = catalog.start_run(coll.db, "bench", {})
-            job = jobs._Batches(coll, lambda _t, g=gen: g, jobs.Plan(), run_id, jobs.Summary())
+            run_id = writes.start_run(coll.db, "bench", {})
+            job = jobs._Batches(coll, lambda _t, g=gen: g, Plan(), run_id, jobs.Summary())
             started = time.perf_counter()
             for batch in batches:
                 job.commit(batch)
             seconds = time.perf_counter() - started
-            catalog.end_run(coll.db, run_id, "done", {})
+            writes.end_run(coll.db, run_id, "done", {})
         rows.append({"batch": size, "vectors_per_s": n / seconds, "seconds": seconds})
         log(
             f"  commit batch {size:>5}: {n / seconds:9.0f} vectors/s "

@@ -48,7 +48,7 @@ def bench_extract(
     means decoding and storage are hidden behind the model. Each producer's
     vectors are compared with Keras fp32's: mean and minimum cosine.
     """
-    from pipeline.embed.runtime_openvino import choose_calibration
+    from pipeline.embed.calibration import choose_calibration
 
     files = [f.path for f in scan([folder], labels="none")]
     if limit:
@@ -133,7 +133,7 @@ def _factories(
     spec: list[str], n: int
 ) -> list[tuple[str, dict[str, float], list[dict[str, float]]]]:
     """(factory, fixed params, sweep of search params) for each index kind asked for."""
-    from pipeline.retrieval.autoindex import ivf_lists
+    from pipeline.retrieval.factories import ivf_lists
 
     out = []
     for kind in spec:

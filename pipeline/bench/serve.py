@@ -15,7 +15,7 @@ import numpy as np
 
 from pipeline.config import Settings
 from pipeline.errors import CbirError
-from pipeline.store import catalog
+from pipeline.store import reads
 from pipeline.web.load import Job, run_in_process
 from pipeline.web.server import DEFAULT_THREADS, open_app, running
 
@@ -25,7 +25,7 @@ MAX_ITEMS = 200  # distinct images queried in turn (the clients hold their bytes
 def _items(db, images: list[str]) -> list[tuple[int, str]]:
     """(id, file) to query: the given files that are catalogued, else a sample of the catalog."""
     if images:
-        by_path = catalog.rows_by_path(db)
+        by_path = reads.rows_by_path(db)
         wanted = {os.path.abspath(p) for p in images} | {os.path.realpath(p) for p in images}
         rows = [r for p, r in by_path.items() if p in wanted and r["status"] == "indexed"]
         if not rows:
@@ -35,8 +35,8 @@ def _items(db, images: list[str]) -> list[tuple[int, str]]:
             )
         found = sorted((r["id"], r["path"]) for r in rows)
     else:
-        ids = catalog.indexed_ids(db)
-        rows = catalog.lookup(
+        ids = reads.indexed_ids(db)
+        rows = reads.lookup(
             db, ids[np.linspace(0, len(ids) - 1, min(len(ids), 4 * MAX_ITEMS)).astype(int)]
         )
         found = sorted((i, r["path"]) for i, r in rows.items())
@@ -62,8 +62,10 @@ def bench_serve(
     """
     app = open_app(settings)
     service = app.extensions["cbir"]
-    items = _items(service.coll.db, images)
-    model = _model_throughput(service.embedder.inner, [p for _, p in items], settings.max_pixels)
+    items = _items(service.session.coll.db, images)
+    model = _model_throughput(
+        service.session.embedder.inner, [p for _, p in items], settings.max_pixels
+    )
     results = [{"kind": "model alone", "images_per_s": round(model, 1)}]
     with running(app, threads) as url:
         for kind in kinds:

@@ -1,4 +1,4 @@
-"""The options and parameter types shared by cbir's commands; every range comes from config.SPEC."""
+"""The options and parameter types shared by cbir's commands; every range comes from specs.SPEC."""
 
 from __future__ import annotations
 
@@ -10,11 +10,12 @@ from typing import Any
 
 import click
 
-from pipeline import errors
-from pipeline.config import DEFAULTS, ENV_INTS, SEARCH_PARAMS, SPEC, Spec, env_int
+from pipeline import api, errors
+from pipeline.config import DEFAULTS
 from pipeline.errors import CbirError
-from pipeline.retrieval import autoindex, factories
+from pipeline.specs import ENV_INTS, SEARCH_PARAMS, SPEC, Spec, env_int
 
+# Click 8.2+ raises this for a bare group (8.1 prints the help and exits 0 itself).
 _NO_ARGS_IS_HELP = getattr(click.exceptions, "NoArgsIsHelpError", ())
 
 
@@ -96,7 +97,7 @@ class MemorySize(click.ParamType):
 
     def convert(self, value: Any, param: Any, ctx: Any) -> Any:
         try:
-            return autoindex.parse_size(value)
+            return api.parse_size(value)
         except CbirError as e:
             self.fail(str(e), param, ctx)
 
@@ -146,7 +147,7 @@ def check_environment(flags: dict[str, Any]) -> None:
 
 
 def typed(spec: Spec) -> click.ParamType:
-    """The Click type of a setting's spec (pipeline/config.py), so each range is written once."""
+    """The Click type of a setting's spec (pipeline/specs.py), so each range is written once."""
     if spec.kind == "int":
         return click.IntRange(spec.lo, spec.hi)
     if spec.kind == "float":
@@ -159,7 +160,7 @@ def typed(spec: Spec) -> click.ParamType:
 def check_params(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]):
     """Refuse a bad --param NAME=VALUE while parsing, before any work."""
     try:
-        factories.parse_params(list(values))
+        api.parse_params(list(values))
     except CbirError as e:
         raise click.BadParameter(str(e), ctx, param) from None
     return values

@@ -17,8 +17,8 @@ from pipeline.cli.options import (
     runtime_options,
     typed,
 )
-from pipeline.config import OPTIONS, SPEC
 from pipeline.errors import CbirError
+from pipeline.specs import OPTIONS, SPEC
 
 
 @click.group("bench")

@@ -23,8 +23,9 @@ from typing import Any
 import numpy as np
 
 from pipeline.errors import CbirError
+from pipeline.inputs.decode import MAX_ASPECT
+from pipeline.specs import INPUTS
 
-INPUTS = ("crop", "whole")
 POOLINGS = ("avg", "gem", "rmac")
 # A pooling may also be several joined by '+' ("avg+gem"): each pooled descriptor is
 # normalised and they are summed, so a category cue (avg) and an instance cue (GeM's
@@ -32,9 +33,6 @@ POOLINGS = ("avg", "gem", "rmac")
 # alone lost 0.01, and takes Holidays-150 from 0.766 to 0.816.
 GEM_P = 3.0
 RMAC_LEVELS = 3
-# A whole image's longer side is cut to this many times its shorter side (centred): a
-# 10:1 panorama would otherwise cost 10 crops' worth of compute and memory.
-MAX_ASPECT = 3.0
 SIZE_RANGE = (64, 1024)
 
 

@@ -1,9 +1,11 @@
 """The embedder interface: pixels in, unit vectors out, with a fingerprint of what made them.
 
-Implementations are chosen by name (`load_embedder(..., runtime=...)`); only
-their own modules import their framework (Keras/TensorFlow: `embed_keras`),
-so commands that need no model (search by id, info, verify) start in a
-fraction of a second. Tests pass a fake that satisfies the same Protocol.
+Implementations are chosen by name (`loading.load_embedder(..., runtime=...)`);
+only their own modules import their framework (Keras/TensorFlow:
+`runtime_keras`; OpenVINO: `runtime_openvino`), so commands that need no model
+(search by id, info, verify) start in a fraction of a second. Tests pass a
+fake that satisfies the same Protocol. This module imports no runtime: they
+import it.
 """
 
 from __future__ import annotations
@@ -15,9 +17,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from pipeline.config import POOLINGS
-from pipeline.embed.descriptor import Descriptor, describe
-from pipeline.errors import CbirError
+from pipeline.embed.descriptor import GEM_P, Descriptor, describe
 
 DIM = 2048
 
@@ -80,52 +80,13 @@ def describe_producer(p: dict[str, Any]) -> str:
     )
 
 
-def load_embedder(
-    weights: str = "imagenet",
-    batch_size: int = 32,
-    pooling: str = "avg",
-    runtime: str = "keras",
-    precision: str = "fp32",
-    calibration_paths: Any = (),
-    descriptor: Descriptor | None = None,
-) -> Embedder:
-    """The embedder of `runtime` ("keras" or "openvino") at `precision` for these weights,
-    making `descriptor`'s vectors (default: the classic 224 crop with `pooling`).
-
-    `calibration_paths` (int8): image paths, or an `embed_openvino.Calibration`."""
-    if pooling not in POOLINGS:
-        raise CbirError(f"unknown pooling {pooling!r}: use {', '.join(POOLINGS)}")
-    descriptor = descriptor or Descriptor(pooling=pooling)
-    if runtime == "keras":
-        if precision != "fp32":
-            raise CbirError(f"the keras runtime runs fp32 only, not {precision}: use openvino")
-        from pipeline.embed.runtime_keras import load
-
-        return load(weights, batch_size, descriptor.pooling, descriptor)
-    if runtime == "openvino":
-        from pipeline.embed import runtime_openvino as embed_openvino
-
-        return embed_openvino.load(
-            weights,
-            batch_size,
-            descriptor.pooling,
-            precision,
-            calibration_paths or None,
-            descriptor=descriptor,
-        )
-    raise CbirError(f"unknown runtime {runtime!r}: use keras or openvino")
-
-
 # Keras' "caffe" preprocessing for ResNet50: RGB -> BGR, subtract the ImageNet mean.
-_BGR_MEAN = np.array([103.939, 116.779, 123.68], dtype=np.float32)
+BGR_MEAN = np.array([103.939, 116.779, 123.68], dtype=np.float32)
 
 
 def preprocess(pixels: np.ndarray) -> np.ndarray:
     """uint8 RGB -> float32 BGR minus the ImageNet mean (Keras' ResNet50 preprocess_input)."""
-    return pixels[..., ::-1].astype(np.float32) - _BGR_MEAN
-
-
-GEM_P = 3.0
+    return pixels[..., ::-1].astype(np.float32) - BGR_MEAN
 
 
 def gem(feature_maps: np.ndarray, p: float = GEM_P) -> np.ndarray:

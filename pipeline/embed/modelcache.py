@@ -14,7 +14,7 @@ repeats those parts, records the size and sha256 of every file and the
 sha256 of its own other fields, so a truncated, altered or mismatched entry
 (manifest included) is detected, removed and rebuilt rather than trusted.
 Nothing outside `<key>/` is loaded: OpenVINO's own compiled-blob cache is not
-used (see `embed_openvino`). Builds go into a temporary folder in the same file
+used (see `runtime_openvino`). Builds go into a temporary folder in the same file
 system, are fsync'd and then renamed into place in one step, so a reader
 sees a complete entry or none. Two processes building the same entry
 serialise on the key's lock; where locks do not work (no fcntl), the rename

@@ -15,10 +15,9 @@ from typing import Any
 import numpy as np
 
 from pipeline import files
-from pipeline.embed.descriptor import Descriptor
+from pipeline.embed.descriptor import GEM_P, Descriptor
 from pipeline.embed.interface import (
     DIM,
-    GEM_P,
     KERAS_FP32,
     MapsEmbedder,
     gem,

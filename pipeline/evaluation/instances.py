@@ -1,11 +1,11 @@
 """Instance-retrieval benchmarks (INRIA Holidays, UKBench): ground truth as query,relevant pairs.
 
 The ground truth is a CSV with a `query,relevant` header and one row per pair
-of file names, as the benchmarks' `groundtruth.csv` files give it. Every query
-is an image of the catalog. Each is ranked against the whole catalog by
-`ranking.ranked` over the exact index (the ranking `cbir search` returns), in
-blocks of queries so that memory stays bounded, and scored under each
-benchmark's own protocol:
+of file names, as the benchmarks' `groundtruth.csv` files give it (read and
+matched to catalog ids by `inputs.groundtruth`). Every query is an image of
+the catalog. Each is ranked against the whole catalog by `ranking.ranked` over
+the exact index (the ranking `cbir search` returns), in blocks of queries so
+that memory stays bounded, and scored under each benchmark's own protocol:
 
 - mAP (Holidays): the query is left out of its own ranking; AP over all of its
   relevant images (one that is not ranked at all adds precision 0).
@@ -19,27 +19,24 @@ as `cbir search FILE --rotations ...` does; the database vectors stay as stored.
 
 from __future__ import annotations
 
-import os
 import sys
-from collections import defaultdict
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 from tqdm import tqdm
 
-from pipeline.config import Settings, rotation_angles
+from pipeline.config import Settings
 from pipeline.embed import descriptor
 from pipeline.errors import CbirError
-from pipeline.evaluation import labels as evaluation
+from pipeline.evaluation import common
 from pipeline.inputs.decode import DecodeError, decode_file
-from pipeline.inputs.scan import read_csv
+from pipeline.inputs.groundtruth import load_groundtruth
 from pipeline.retrieval import indexes, metrics
 from pipeline.retrieval.ranking import merge_variants, ranked, rerank_from
-from pipeline.store import catalog
+from pipeline.specs import rotation_angles
+from pipeline.store import reads
 from pipeline.store.collection import Collection
 
-COLUMNS = ("query", "relevant")
 NS_DEPTH = 4  # UKBench counts the group's images in the top 4
 TOP = 10  # results kept per query for the report
 
@@ -51,105 +48,6 @@ NS_PROTOCOL = (
     "UKBench N-S: each query ranks the whole catalog (itself included); "
     "images of its group (query and relevant) in the top 4, mean over queries, 4.0 at best"
 )
-
-
-@dataclass
-class GroundTruth:
-    """Queries as catalog ids in CSV order, each with its relevant ids (never itself)."""
-
-    queries: list[int]
-    relevant: dict[int, list[int]]
-    pairs: int
-
-
-def read_pairs(path: str) -> list[tuple[str, str]]:
-    """The (query, relevant) file-name pairs of a ground-truth CSV (UTF-8, a BOM allowed)."""
-    rows = read_csv(
-        path, COLUMNS, "ground-truth", "a ground-truth CSV needs a header with the columns "
-        "query,relevant",
-    )  # fmt: skip
-    pairs = []
-    for n, row in enumerate(rows, start=1):
-        query, rel = (row.get("query") or "").strip(), (row.get("relevant") or "").strip()
-        if not query or not rel:  # an empty cell, or a short row
-            raise CbirError(f"{path}: data row {n} needs both a query and a relevant file name")
-        pairs.append((query, rel))
-    if not pairs:
-        raise CbirError(f"{path}: no query,relevant rows")
-    return pairs
-
-
-def match_names(names: list[str], paths: dict[int, str], csv_path: str) -> dict[str, int]:
-    """The catalog id of each file name.
-
-    A name is first the path relative to the CSV's folder; failing that, the one
-    catalog image whose path ends with it (its file name, or its last folders and
-    file name), preferring images under the CSV's folder. Names that match no
-    indexed image, or several, are refused together in one error.
-    """
-    exact = {p: i for i, p in paths.items()}
-    by_name: dict[str, list[int]] = defaultdict(list)
-    for i, p in paths.items():
-        by_name[os.path.basename(p)].append(i)
-    folder = os.path.dirname(os.path.abspath(csv_path))
-    bases = list(dict.fromkeys([folder, os.path.realpath(folder)]))
-    found: dict[str, int] = {}
-    unknown: list[str] = []
-    ambiguous: list[tuple[str, int]] = []
-    for name in dict.fromkeys(names):
-        full = {os.path.abspath(os.path.join(b, name)) for b in bases}
-        hits = sorted({exact[f] for f in full if f in exact})
-        if not hits:
-            parts = os.path.normpath(name).split(os.sep)
-            tail = [i for i in by_name.get(parts[-1], []) if _ends_with(paths[i], parts)]
-            under = [i for i in tail if any(paths[i].startswith(b + os.sep) for b in bases)]
-            hits = under if len(tail) > 1 and under else tail
-        if len(hits) == 1:
-            found[name] = hits[0]
-        elif hits:
-            ambiguous.append((name, len(hits)))
-        else:
-            unknown.append(name)
-    problems = []
-    total = len(found) + len(unknown) + len(ambiguous)
-    if unknown:
-        problems.append(
-            f"{len(unknown)} of {total} file names match no indexed catalog image "
-            f"(first: {unknown[0]!r})"
-        )
-    if ambiguous:
-        name, count = ambiguous[0]
-        problems.append(
-            f"{len(ambiguous)} of {total} match several catalog images "
-            f"(first: {name!r}, {count} images): name them relative to the CSV's folder"
-        )
-    if problems:
-        raise CbirError(f"{csv_path}: " + "; ".join(problems))
-    return found
-
-
-def _ends_with(path: str, parts: list[str]) -> bool:
-    """Whether the last components of `path` are `parts`."""
-    return path.split(os.sep)[-len(parts) :] == parts
-
-
-def load_groundtruth(csv_path: str, paths: dict[int, str]) -> GroundTruth:
-    """Read the CSV and map its names to catalog ids; a query listed as its own match is dropped."""
-    pairs = read_pairs(csv_path)
-    ids = match_names([name for pair in pairs for name in pair], paths, csv_path)
-    relevant: dict[int, list[int]] = {}
-    for query, rel in pairs:
-        q, r = ids[query], ids[rel]
-        group = relevant.setdefault(q, [])
-        if r != q and r not in group:
-            group.append(r)
-    lonely = [q for q, group in relevant.items() if not group]
-    if lonely:
-        raise CbirError(
-            f"{csv_path}: {len(lonely)} queries have no relevant image other than themselves "
-            f"(first: {paths[lonely[0]]!r})"
-        )
-    return GroundTruth(list(relevant), relevant, sum(len(g) for g in relevant.values()))
 
 
 def score_query(
@@ -215,29 +113,29 @@ def evaluate_instances(
     ids = coll.indexed_ids()
     if not len(ids):
         raise CbirError("the catalog has no indexed images")
-    rows = catalog.lookup(coll.db, ids)
+    rows = reads.lookup(coll.db, ids)
     paths = {int(i): rows[int(i)]["path"] for i in ids}
     truth = load_groundtruth(groundtruth, paths)
 
     if method == "resnet50":  # the stored vectors and the exact index `cbir search` uses
-        index, lookup = coll.index(indexes.EXACT)[0], coll.vectors
+        index, lookup = indexes.loaded(coll, indexes.EXACT)[0], coll.vectors
     else:  # colour or hybrid descriptors, decoded again, in a flat index of their own
         db_paths = [paths[int(i)] for i in ids]
-        desc, ok = evaluation.descriptors(
+        desc, ok = common.descriptors(
             method, db_paths, coll.vectors(ids), embed, settings.max_pixels, hybrid_weight,
-            evaluation.decode_shape(settings),
+            common.decode_shape(settings),
         )  # fmt: skip
         undecoded = set(truth.queries) - set(ids[ok].tolist())
         if undecoded:
             q_paths = [paths[q] for q in truth.queries]
             usable = [i for i, q in enumerate(truth.queries) if q not in undecoded]
-            raise CbirError(evaluation.unusable_queries(q_paths, usable))
-        index, lookup = evaluation.flat_ranker(desc, ids[ok])
+            raise CbirError(common.unusable_queries(q_paths, usable))
+        index, lookup = common.flat_ranker(desc, ids[ok])
     n = int(index.ntotal)
 
     per_query: list[dict[str, Any]] = []
     # With rotations, each query is one ranking per angle (merged after ranking).
-    per_block = evaluation.BLOCK_ENTRIES // max(n * len(angles), 1)
+    per_block = common.BLOCK_ENTRIES // max(n * len(angles), 1)
     block = max(1, min(len(truth.queries), per_block))
     starts = range(0, len(truth.queries), block)
     for b in tqdm(starts, desc="evaluating", unit="block", disable=None, file=sys.stderr):
@@ -245,7 +143,7 @@ def evaluate_instances(
         if len(angles) > 1:  # the query files turned and embedded again; the database as stored
             q_paths = [paths[q] for q in q_ids.tolist()]
             q_vecs = rotated_queries(
-                q_paths, angles, embed, settings.max_pixels, evaluation.decode_shape(settings)
+                q_paths, angles, embed, settings.max_pixels, common.decode_shape(settings)
             )
             found, found_scores = ranked(index, lookup, q_vecs, n, how)
             found, found_scores = merge_variants(found, found_scores, [len(angles)] * len(q_ids))

@@ -4,35 +4,29 @@ Queries come from a manifest CSV (its `split=query` rows, held out of the
 catalog), a folder of labelled images, or leave-one-out over the catalog.
 Rankings go through `ranking.ranked`, the code that `cbir search` runs, over
 the whole database, so the figures describe what users get. Instance
-benchmarks (a ground-truth CSV of query,relevant pairs) are in `instance_eval`.
+benchmarks (a ground-truth CSV of query,relevant pairs) are in `instances`;
+`run.evaluate` picks one of the two, and what both use is in `common`.
 """
 
 from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import faiss
 import numpy as np
 from tqdm import tqdm
 
-from pipeline.config import EVALUATION_METHODS, Settings
-from pipeline.embed import color, descriptor
-from pipeline.embed.interface import l2_normalize
+from pipeline.config import Settings
 from pipeline.errors import CbirError
-from pipeline.inputs.decode import DecodeError, decode_file
+from pipeline.evaluation import common
+from pipeline.evaluation.common import decode_shape, descriptors, flat_ranker, unusable_queries
 from pipeline.inputs.scan import csv_columns, read_label_csv, scan
 from pipeline.retrieval import indexes, metrics
 from pipeline.retrieval.ranking import ranked, rerank_from
-from pipeline.store import catalog
+from pipeline.store import reads
 from pipeline.store.collection import Collection
-
-# Rankings held at once while evaluating: queries per block x database size.
-# 4M entries of (id, score) is about 50 MB, whatever the collection size.
-BLOCK_ENTRIES = 4_000_000
 
 
 @dataclass
@@ -73,85 +67,7 @@ def load_queries(db, source: str | None, leave_one_out: bool, usable=None) -> Qu
     return Queries([p for p, _ in pairs], [lab for _, lab in pairs], [None] * len(pairs))
 
 
-def _pixels(
-    paths: list[str], max_pixels: int, shape: dict[str, Any] | None = None
-) -> tuple[np.ndarray | list[np.ndarray], list[int]]:
-    """Decoded pixels of the files that decode (`shape`: the descriptor's decode arguments),
-    and the positions of those that do; a list when whole images differ in shape."""
-    out, ok = [], []
-    for i, p in enumerate(paths):
-        try:
-            out.append(decode_file(p, max_pixels, **(shape or {})).pixels)
-            ok.append(i)
-        except DecodeError:
-            continue
-    if not out:
-        return np.zeros((0, 224, 224, 3), np.uint8), ok
-    return descriptor.batch(out), ok
-
-
-def unusable_queries(paths: list[str], ok: list[int]) -> str:
-    """One line naming the query files (all but the positions `ok`) that cannot be used:
-    those missing as not found, the others as undecodable (up to 3 names each)."""
-    good = set(ok)
-    bad = [p for i, p in enumerate(paths) if i not in good]
-    gone = [p for p in bad if not os.path.exists(p)]
-    broken = [p for p in bad if os.path.exists(p)]
-    parts = []
-    for what, names in (("not found", gone), ("could not be decoded", broken)):
-        if names:
-            more = f" and {len(names) - 3} more" if len(names) > 3 else ""
-            parts.append(f"{len(names)} {what} ({', '.join(names[:3])}{more})")
-    return f"{len(bad)} of {len(paths)} query images cannot be used: {'; '.join(parts)}"
-
-
-def decode_shape(settings: Settings) -> dict[str, Any]:
-    """The decode arguments of the settings' descriptor (resolved by `api.with_descriptor`)."""
-    return {"size": settings.image_size, "crop": settings.input == "crop"}
-
-
-def descriptors(
-    method: str,
-    paths: list[str],
-    deep: np.ndarray | None,
-    embed,
-    max_pixels: int,
-    hybrid_weight: float,
-    shape: dict[str, Any] | None = None,
-) -> tuple[np.ndarray, list[int]]:
-    """Unit vectors for `paths` under `method`; `deep` given = already embedded; `shape`:
-    the catalog descriptor's decode arguments (`decode_shape(settings)`)."""
-    need_pixels = method in ("color", "hybrid") or deep is None
-    pixels, ok = (
-        _pixels(paths, max_pixels, shape) if need_pixels else (None, list(range(len(paths))))
-    )
-    if method == "color":  # no model needed at all
-        return color.hsv_histograms(pixels), ok
-    if deep is None:
-        deep = embed(pixels) if len(ok) else np.zeros((0, 2048), np.float32)
-    else:
-        deep = deep[ok]
-    if method == "resnet50":
-        return deep, ok
-    hist = color.hsv_histograms(pixels)
-    # cos(hybrid) = w cos(deep) + (1 - w) cos(colour), by construction of the concatenation.
-    w = float(hybrid_weight)
-    return l2_normalize(np.hstack([np.sqrt(w) * deep, np.sqrt(1 - w) * hist])), ok
-
-
-def flat_ranker(desc: np.ndarray, ids: np.ndarray) -> tuple[faiss.Index, Callable]:
-    """The descriptors as a flat index keyed by catalog id, and its lookup, for `ranked`."""
-    flat = faiss.IndexIDMap2(faiss.IndexFlatIP(desc.shape[1]))
-    flat.add_with_ids(np.ascontiguousarray(desc, dtype=np.float32), ids)
-    row_of = {int(i): p for p, i in enumerate(ids)}
-
-    def lookup(wanted: np.ndarray) -> np.ndarray:
-        return desc[[row_of[int(i)] for i in wanted]]
-
-    return flat, lookup
-
-
-def evaluate(
+def evaluate_labels(
     coll: Collection,
     settings: Settings,
     source: str | None = None,
@@ -160,25 +76,11 @@ def evaluate(
     index_name: str | None = None,
     hybrid_weight: float = 0.5,
     embed=None,
-    groundtruth: str | None = None,
 ) -> dict[str, Any]:
     """Evaluate the catalog against labelled queries; returns metrics and every ranking.
 
-    With `groundtruth` (a CSV of query,relevant file names) it is an instance benchmark
-    instead: `instance_eval.evaluate_instances` (mAP, N-S score).
+    `method` and `hybrid_weight` are checked by `run.evaluate`, which calls this.
     """
-    if method not in EVALUATION_METHODS:
-        raise CbirError(f"unknown method {method!r}: use {', '.join(EVALUATION_METHODS)}")
-    if not 0.0 <= float(hybrid_weight) <= 1.0:
-        raise CbirError(f"hybrid weight must be between 0 and 1, got {hybrid_weight}")
-    if groundtruth is not None:
-        from pipeline.evaluation.instances import evaluate_instances
-
-        if source or leave_one_out:
-            raise CbirError("give either QUERIES, --leave-one-out or --groundtruth, not several")
-        return evaluate_instances(
-            coll, settings, groundtruth, method, index_name, hybrid_weight, embed
-        )
     if source and leave_one_out:  # one of them would be silently ignored
         raise CbirError("give either QUERIES or --leave-one-out, not both")
     if index_name and index_name != indexes.EXACT and method != "resnet50":
@@ -194,7 +96,7 @@ def evaluate(
     ids = coll.indexed_ids()
     if not len(ids):
         raise CbirError("the catalog has no indexed images")
-    rows = catalog.lookup(db, ids)
+    rows = reads.lookup(db, ids)
     db_labels = np.array([rows[int(i)]["label"] or "" for i in ids])
     db_paths = [rows[int(i)]["path"] for i in ids]
     if not any(db_labels):
@@ -226,7 +128,7 @@ def evaluate(
         result["rerank_n"], result["rerank_alpha"] = how.n, how.alpha
     approx = None
     if index_name and index_name != indexes.EXACT:
-        approx, _, in_force = coll.index(index_name)
+        approx, _, in_force = indexes.loaded(coll, index_name)
         approx_lookup, refine = coll.vectors, int(in_force.get("refine", 1))
         result["index"] = index_name
 
@@ -236,7 +138,7 @@ def evaluate(
     approx_tops: list[np.ndarray] = []
     # Queries go in blocks, so memory holds block x database rankings, not the whole
     # query x database matrix (leave-one-out over 20,000 images needed 11.8 GB).
-    block = max(1, min(len(q_desc), BLOCK_ENTRIES // max(n, 1)))
+    block = max(1, min(len(q_desc), common.BLOCK_ENTRIES // max(n, 1)))
     starts = range(0, len(q_desc), block)
     for b in tqdm(starts, desc="evaluating", unit="block", disable=None, file=sys.stderr):
         q_block, q_ids = q_desc[b : b + block], queries.ids[b : b + block] if leave_one_out else []

@@ -1,6 +1,6 @@
 """The evaluation report: one self-contained folder of HTML, thumbnails and a chart.
 
-`write_report(result, out_dir)` takes what `pipeline.evaluation.labels.evaluate`
+`write_report(result, out_dir)` takes what `pipeline.evaluation.run.evaluate`
 returns and writes `index.html` (the figures, the per-class table, and for a
 sample of queries the query and its top 10 marked relevant or not),
 `per_class.png` (per-class mAP and P@10) and `thumbs/` (one JPEG per image),
@@ -24,8 +24,8 @@ import markupsafe
 
 from pipeline.config import Settings
 from pipeline.errors import CbirError, path_problem
+from pipeline.files import shown
 from pipeline.inputs.thumbs import placeholder_bytes, thumbnail_bytes
-from pipeline.store.catalog import shown
 
 THUMB_SIZE = 160  # pixels on the longer side
 THUMBS = "thumbs"

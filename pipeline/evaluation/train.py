@@ -23,11 +23,12 @@ from typing import Any
 import numpy as np
 
 from pipeline.config import Settings
-from pipeline.embed.interface import preprocess
+from pipeline.embed.interface import l2_normalize, preprocess
 from pipeline.embed.runtime_keras import import_keras
 from pipeline.errors import CbirError
 from pipeline.inputs.decode import DecodeError, decode_file
-from pipeline.store import catalog
+from pipeline.retrieval.metrics import average_precision
+from pipeline.store import reads
 from pipeline.store.collection import Collection
 
 SPLIT_LAYER = "conv4_block6_out"
@@ -53,9 +54,6 @@ def _split_map(
     feats: np.ndarray, y: np.ndarray, train_pos: np.ndarray, val_pos: np.ndarray
 ) -> float:
     """mAP of validation images querying the training images by cosine."""
-    from pipeline.embed.interface import l2_normalize
-    from pipeline.retrieval.metrics import average_precision
-
     db, q = l2_normalize(feats[train_pos]), l2_normalize(feats[val_pos])
     order = np.argsort(-(q @ db.T), axis=1, kind="stable")
     aps = [
@@ -200,7 +198,7 @@ def train(
         "split_layer": SPLIT_LAYER,
         "seed": seed,
         "learning_rate": learning_rate,
-        "catalog_generation": catalog.generation(db),
+        "catalog_generation": reads.generation(db),
     }
     Path(str(out) + ".json").write_text(json.dumps(record, indent=2))
     return record

@@ -1,7 +1,7 @@
 """The indexing job: diff the folders with the catalog, decode and embed, commit in batches.
 
-A reader -> mapper -> writer runner: the plan is the reader, an engine the
-mapper, `_Batches` the writer. The local engine decodes in worker threads
+A reader -> mapper -> writer runner: the plan (`plan.py`) is the reader, an
+engine the mapper, `_Batches` the writer. The local engine decodes in worker threads
 ahead of the model (Pillow and the runtimes release the GIL), so the model is
 never waiting on JPEG decoding; the Ray engine (`engine_ray.py`) decodes and
 embeds on a cluster and streams vectors back. Either way this process alone
@@ -28,10 +28,11 @@ from pipeline.config import Settings
 from pipeline.embed import descriptor
 from pipeline.embed.interface import Embedder
 from pipeline.errors import CbirError
+from pipeline.ingest.plan import Plan, make_plan
 from pipeline.inputs.decode import Decoded, DecodeError, decode_file
 from pipeline.inputs.scan import Found, ScannedFile, find
-from pipeline.retrieval import indexes
-from pipeline.store import catalog, collection, vectors
+from pipeline.retrieval import autoindex, indexes
+from pipeline.store import collection, reads, vectors, writes
 from pipeline.store.collection import Collection
 
 log = logging.getLogger("cbir")
@@ -107,56 +108,6 @@ class LocalEngine:
             yield batch
 
 
-@dataclass
-class Plan:
-    """What a job has to do, from comparing the scan with the catalog."""
-
-    todo: list[ScannedFile] = field(default_factory=list)  # to decode (and embed)
-    replaced: dict[str, int] = field(default_factory=dict)  # changed file: path -> old id
-    relabel: dict[int, str | None] = field(default_factory=dict)
-    unchanged: int = 0
-    aliases: int = 0  # a file already catalogued under another path
-    keys: dict[str, str | None] = field(default_factory=dict)  # path -> file identity
-
-
-def _same_file(a: str, b: str) -> bool:
-    try:
-        return os.path.samefile(a, b)
-    except OSError:
-        return False
-
-
-def _plan(db, scanned: list[ScannedFile], retry_failed: bool) -> Plan:
-    """Split scanned files into new, changed, unchanged, relabelled and aliases."""
-    existing = catalog.rows_by_path(db)
-    by_key: dict[str, dict[str, Any]] | None = None  # read only if some file is new
-    claimed: dict[str, str] = {}  # file identity -> first path of it in this scan
-    plan = Plan()
-    for f in scanned:
-        row = existing.get(f.path)
-        same = row and row["size"] == f.size and row["mtime"] == f.mtime
-        if same and not (retry_failed and row["status"] == "failed"):
-            plan.unchanged += 1
-            if row["label"] != f.label:
-                plan.relabel[row["id"]] = f.label
-            continue
-        key = collection.file_key(f.path)
-        if row:
-            plan.replaced[f.path] = row["id"]
-        elif key:
-            if by_key is None:
-                by_key = catalog.rows_by_file_key(db)
-            twin = by_key.get(key)
-            if key in claimed or (twin and _same_file(twin["path"], f.path)):
-                plan.aliases += 1
-                continue
-        if key:
-            claimed[key] = f.path
-        plan.keys[f.path] = key
-        plan.todo.append(f)
-    return plan
-
-
 def _decoded_stream(
     files: list[ScannedFile],
     workers: int,
@@ -196,7 +147,7 @@ def _row(
     error: str | None,
     key: str | None,
 ):
-    stamp = catalog.now()
+    stamp = writes.now()
     return {
         "id": image_id,
         "path": f.path,
@@ -236,13 +187,11 @@ def run_index(
     new, or new files that are all copies of indexed ones, never pays for it.
     `engine` decodes and embeds (default: `LocalEngine`, in this process).
     """
-    from pipeline.retrieval import autoindex
-
     if found is None:
         found = find(roots, settings.labels, settings.split, allow_empty=True)
     summary = Summary()
     db = coll.db
-    run_id = catalog.start_run(db, "index", {**settings.as_dict(), "roots": roots})
+    run_id = writes.start_run(db, "index", {**settings.as_dict(), "roots": roots})
     try:
         _index_into(
             coll, roots, found, load_model, settings, summary, run_id, progress, on_total, engine
@@ -252,9 +201,9 @@ def run_index(
     except BaseException:
         # A full disk fails this too: the first error is the one to tell.
         with contextlib.suppress(Exception):
-            catalog.end_run(db, run_id, "failed", summary.counts())
+            writes.end_run(db, run_id, "failed", summary.counts())
         raise
-    catalog.end_run(db, run_id, "done", summary.counts())
+    writes.end_run(db, run_id, "done", summary.counts())
     return summary
 
 
@@ -275,10 +224,10 @@ def _index_into(
         )
     scanned = found.files
     summary.scanned, summary.missing = len(scanned), found.missing
-    plan = _plan(db, scanned, settings.retry_failed)
+    plan = make_plan(db, scanned, settings.retry_failed)
     summary.unchanged, summary.aliases = plan.unchanged, plan.aliases
     if plan.relabel:
-        catalog.update_labels(db, plan.relabel)
+        writes.update_labels(db, plan.relabel)
         summary.relabelled = len(plan.relabel)
     if settings.prune:
         summary.pruned = _prune(db, roots, {f.path for f in scanned})
@@ -302,7 +251,12 @@ class _Batches:
     """
 
     def __init__(
-        self, coll: Collection, load_model: Callable[[list[str]], Embedder], plan, run_id, summary
+        self,
+        coll: Collection,
+        load_model: Callable[[list[str]], Embedder],
+        plan: Plan,
+        run_id: int,
+        summary: Summary,
     ):
         self.coll, self.db, self.plan, self.run_id, self.summary = (
             coll,
@@ -330,7 +284,7 @@ class _Batches:
 
     def commit(self, batch: Batch) -> None:
         db, summary, replaced, dim = self.db, self.summary, self.plan.replaced, self.dim
-        start = catalog.next_id(db)
+        start = reads.next_id(db)
         out = np.zeros((len(batch), dim), dtype=np.float32)
         rows = []
         to_embed: list[int] = []
@@ -345,7 +299,7 @@ class _Batches:
             rows.append(_row(f, image_id, self.run_id, result, None, key))
             twin = self.seen_sha.get(result.sha256)
             if twin is None:
-                twin = catalog.find_by_sha(db, result.sha256)
+                twin = reads.find_by_sha(db, result.sha256)
             if twin is None:
                 to_embed.append(offset)
                 self.seen_sha[result.sha256] = image_id
@@ -377,7 +331,7 @@ class _Batches:
             if row["status"] == "indexed":
                 row["vector_crc"] = checksum
         replaced_ids = [replaced[f.path] for f, _ in batch if f.path in replaced]
-        catalog.commit_batch(db, rows, replaced_ids, start + len(batch))
+        writes.commit_batch(db, rows, replaced_ids, start + len(batch))
 
 
 def _prune(db, roots: list[str], seen: set[str]) -> int:
@@ -396,10 +350,10 @@ def _prune(db, roots: list[str], seen: set[str]) -> int:
         prefixes.append(base.rstrip(os.sep) + os.sep)
     gone = [
         row["id"]
-        for path, row in catalog.rows_by_path(db).items()
+        for path, row in reads.rows_by_path(db).items()
         if path not in seen
         and any(path.startswith(p) for p in prefixes)
         and not os.path.exists(path)
     ]
-    catalog.delete_rows(db, gone)
+    writes.delete_rows(db, gone)
     return len(gone)

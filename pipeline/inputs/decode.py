@@ -43,6 +43,10 @@ Image.MAX_IMAGE_PIXELS = None
 # photograph (a line or a strip): refused in one line. 50:1 keeps every panorama (phone
 # panoramas are up to ~1:8, web banners 1:11) with room.
 MAX_ASPECT_RATIO = 50
+# A whole image's (no crop) longer side is cut to this many times its shorter side
+# (centred): a 10:1 panorama would otherwise cost 10 crops' worth of compute and memory.
+# Part of a whole-image descriptor's fingerprint (`descriptor.Descriptor.fingerprint`).
+MAX_ASPECT = 3.0
 
 
 class DecodeError(Exception):
@@ -94,8 +98,6 @@ def resized(width: int, height: int, size: int = SIZE) -> tuple[int, int]:
 def resize_and_crop(im: Image.Image, size: int = SIZE, crop: bool = True) -> Image.Image:
     """Resize so the shorter side is `size`; then the central size x size square (crop), or
     the whole image with its longer side cut, centred, to MAX_ASPECT x size (no crop)."""
-    from pipeline.embed.descriptor import MAX_ASPECT
-
     new_w, new_h = resized(*im.size, size)
     im = im.resize((new_w, new_h), Image.BILINEAR)
     cut_w, cut_h = (size, size) if crop else (

@@ -21,10 +21,18 @@ import faiss
 import numpy as np
 
 from pipeline.errors import CbirError
-from pipeline.retrieval import exact, factories, index_files, indexes, shards, whitening
+from pipeline.retrieval import (
+    exact,
+    factories,
+    index_files,
+    indexes,
+    shards,
+    whitening,
+    whitening_fit,
+)
 from pipeline.retrieval.metrics import recall_at
 from pipeline.retrieval.ranking import ranked
-from pipeline.store import catalog
+from pipeline.store import reads, writes
 
 _UNITS = {"": 1, "B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 
@@ -51,17 +59,6 @@ class Choice:
     params: dict[str, float]
     bytes_estimate: int
     reason: str
-
-
-def ivf_lists(n: int) -> int:
-    """About sqrt(n) inverted lists, a power of two, with at least 39 training points each.
-
-    (autofaiss uses ~4 sqrt(n); on two cores k-means over 2048-d vectors with
-    that many centroids takes many minutes at a million vectors, and nprobe
-    makes up the difference in recall.)
-    """
-    want = 2 ** round(math.log2(max(16, math.sqrt(n))))
-    return int(max(1, min(want, 65536, 2 ** int(math.log2(max(1, n // 39))))))
 
 
 def choose(
@@ -101,7 +98,7 @@ def choose(
             int(raw * flat_overhead + links),
             "fits in memory; HNSW",
         )
-    nlist = ivf_lists(n)
+    nlist = factories.ivf_lists(n)
     centroids = nlist * dim * 4
     if raw * flat_overhead + centroids + n * 8 <= max_memory:
         return Choice(
@@ -203,7 +200,7 @@ def build_and_save(
     target_recall: float | None = None,
     note: str | None = None,
     sharding: shards.Sharding | None = None,
-    whiten: whitening.Plan | None = None,
+    whiten: whitening_fit.Plan | None = None,
 ) -> dict[str, Any]:
     """Build, persist and record an index with its measured recall@10; returns the record.
 
@@ -211,7 +208,7 @@ def build_and_save(
     until the measured recall@10 reaches it. With `sharding`, an IVF index is
     built in shards and merged on disk (`shards.build_ondisk`); the returned
     record then also has `timings` (train, add, merge seconds). With `whiten`
-    (a validated `whitening.Plan`) the index is whitened: its record's factory
+    (a validated `whitening_fit.Plan`) the index is whitened: its record's factory
     is 'WhitenD,FACTORY', its note the whitening's JSON, and its recall@10 is
     measured against exact search in the same whitened space.
     """
@@ -243,7 +240,7 @@ def build_and_save(
             "params": json.dumps(params),
             "generation": gen,
             "build_seconds": round(seconds, 3),
-            "built_at": catalog.now(),
+            "built_at": writes.now(),
             "recall_at_10": round(recall, 4),
             "note": note,
             "trained_recall": round(recall, 4),
@@ -259,6 +256,6 @@ def discard_unpublished(coll, name: str, data: Path | None) -> None:
     """Remove a new .ivfdata that no committed record names (a failed build or update)."""
     if data is None:
         return
-    record = catalog.index_record(coll.db, name)
+    record = reads.index_record(coll.db, name)
     if not record or record.get("file") != data.with_suffix(".faiss").name:
         index_files.remove_files([data])

@@ -5,19 +5,22 @@ string checked before FAISS sees it (`check_factory`). IVF indexes (also
 under a pre-transform such as OPQ or PCA) are kept bare: they store catalog
 ids in their inverted lists, so they can grow and shrink (`add_with_ids`,
 `remove_ids`) and be merged on disk (`shards`); every other type is wrapped
-in `IndexIDMap2`. `stored_ids` reads the ids back from either. Imports
-nothing of cbir but `config` and `errors`.
+in `IndexIDMap2`. `stored_ids` reads the ids back from either. `ivf_lists`
+is the number of inverted lists for n vectors, here so that both
+`autoindex.choose` and `indexes.train` (which suggests it) can use it.
+Imports nothing of cbir but `specs` and `errors`.
 """
 
 from __future__ import annotations
 
+import math
 import re
 from typing import Any
 
 import faiss
 import numpy as np
 
-from pipeline import config
+from pipeline import specs
 from pipeline.errors import CbirError
 
 
@@ -28,7 +31,7 @@ def parse_params(
     if not items:
         return {}
     if isinstance(items, dict):
-        return {str(k): config.search_param(str(k), v) for k, v in items.items()}
+        return {str(k): specs.search_param(str(k), v) for k, v in items.items()}
     if isinstance(items, str):
         items = [items]  # one "name=value", not its letters
     out: dict[str, float] = {}
@@ -36,7 +39,7 @@ def parse_params(
         key, sep, value = item.partition("=") if isinstance(item, str) else ("", "", "")
         if not sep or not key.strip():
             raise CbirError(f"search parameter must look like name=number, got {item!r}")
-        out[key.strip()] = config.search_param(key.strip(), value.strip())
+        out[key.strip()] = specs.search_param(key.strip(), value.strip())
     return out
 
 
@@ -51,7 +54,7 @@ def apply_params(index: faiss.Index, params: dict[str, float]) -> None:
     for key, value in params.items():
         # Checked here too: stored records and API dicts reach FAISS without parse_params,
         # and FAISS casts NaN or 1e12 to a C int without complaint.
-        value = config.search_param(key, value)
+        value = specs.search_param(key, value)
         if not isinstance(index, faiss.Index) and key not in OWN_PARAMS:
             raise CbirError(f"exact search has no search parameter {key!r}")
         if key in OWN_PARAMS:
@@ -76,6 +79,17 @@ def ivf_core(index: Any) -> faiss.IndexIVF | None:
     return idx if isinstance(idx, faiss.IndexIVF) else None
 
 
+def ivf_lists(n: int) -> int:
+    """About sqrt(n) inverted lists, a power of two, with at least 39 training points each.
+
+    (autofaiss uses ~4 sqrt(n); on two cores k-means over 2048-d vectors with
+    that many centroids takes many minutes at a million vectors, and nprobe
+    makes up the difference in recall.)
+    """
+    want = 2 ** round(math.log2(max(16, math.sqrt(n))))
+    return int(max(1, min(want, 65536, 2 ** int(math.log2(max(1, n // 39))))))
+
+
 # Numbers in a factory string that FAISS takes without checking, and the range cbir allows
 # each: out of it FAISS kills the process (HNSW1: a segfault, HNSW0: an assertion, PQ8x0 or
 # OPQ8_0: SIGFPE, RR0: a segfault), hangs (NSG4), builds a useless index (PCA0, SQ0) or
@@ -85,7 +99,7 @@ def ivf_core(index: Any) -> faiss.IndexIVF | None:
 _FACTORY_LIMITS: tuple[tuple[re.Pattern[str], str, int, int | None], ...] = (
     (re.compile(r"HNSW(\d+)"), "number of HNSW links", 2, 256),
     (re.compile(r"NSG(\d+)"), "NSG graph degree", 8, 256),
-    (re.compile(r"IVF(\d+)"), "number of inverted lists", 1, config.IVF_LISTS_MAX),
+    (re.compile(r"IVF(\d+)"), "number of inverted lists", 1, specs.IVF_LISTS_MAX),
     (re.compile(r"IMI2x(\d+)"), "number of bits per IMI quantizer", 1, 12),
     (re.compile(r"(?:PQ|RQ|LSQ)\d+x(\d+)"), "number of bits per code", 1, 16),
     (re.compile(r"PRQ\d+x\d+x(\d+)"), "number of bits per code", 1, 16),

@@ -22,7 +22,7 @@ import numpy as np
 
 from pipeline.errors import CbirError
 from pipeline.retrieval import autoindex, factories, index_files, indexes, shards
-from pipeline.store import catalog
+from pipeline.store import reads, writes
 
 # An update may lose this much recall@10 against the recall measured when the index was
 # trained; beyond it, the clusters no longer fit the vectors and a retrain is due.
@@ -47,9 +47,9 @@ def update_and_save(coll, name: str, sharding: shards.Sharding | None = None) ->
     nothing is saved and RetrainDue says to rebuild. The record returned also
     has `added`, `removed` and `timings`.
     """
-    record = catalog.index_record(coll.db, name)
+    record = reads.index_record(coll.db, name)
     if record is None:
-        known = ", ".join(r["name"] for r in catalog.index_records(coll.db)) or "none"
+        known = ", ".join(r["name"] for r in reads.index_records(coll.db)) or "none"
         raise CbirError(f"no index named {name!r} to update (indexes: {known})")
     factory = record["factory"]
     path = index_files.index_path(coll.index_dir, name, record)
@@ -89,7 +89,7 @@ def update_and_save(coll, name: str, sharding: shards.Sharding | None = None) ->
     if not len(added) and not len(removed):
         if record["generation"] != gen:  # nothing to add or remove: the same files are current
             record = {**record, "generation": gen}
-            catalog.save_index_record(coll.db, record)
+            writes.save_index_record(coll.db, record)
         index_files.remove_leftovers(coll, name, record)  # an update that crashed after its commit
         return {**record, **counts}
     data, timings = None, {}
@@ -100,7 +100,7 @@ def update_and_save(coll, name: str, sharding: shards.Sharding | None = None) ->
             )
         else:
             index = current
-            indexes.add_rows(index, coll.rows(), added, catalog.vector_crcs(coll.db), factory)
+            indexes.add_rows(index, coll.rows(), added, reads.vector_crcs(coll.db), factory)
             if len(removed):
                 index.remove_ids(np.asarray(removed, dtype=np.int64))
         params = json.loads(record["params"] or "{}")
@@ -116,7 +116,7 @@ def update_and_save(coll, name: str, sharding: shards.Sharding | None = None) ->
             **{k: record.get(k) for k in ("factory", "params", "note")},
             "generation": gen,
             "build_seconds": round(time.perf_counter() - started, 3),
-            "built_at": catalog.now(),
+            "built_at": writes.now(),
             "recall_at_10": round(recall, 4),
             "trained_recall": trained if trained is not None else round(recall, 4),
         }

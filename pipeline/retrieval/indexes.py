@@ -18,9 +18,9 @@ import faiss
 import numpy as np
 
 from pipeline.errors import CbirError, StaleIndexError
-from pipeline.retrieval import factories, index_files
+from pipeline.retrieval import factories, index_files, whitening
 from pipeline.retrieval.exact import VectorFileExact
-from pipeline.store import catalog, vectors
+from pipeline.store import reads, seals, vectors, writes
 
 EXACT = "exact"
 EXACT_FACTORY = "Flat"
@@ -44,14 +44,13 @@ def _faiss_failure(e: BaseException, factory: str, n: int) -> CbirError:
 
 def train(index: faiss.Index, rows: np.ndarray, ids: np.ndarray, factory: str = "") -> None:
     """Train `index` (if it needs it) on training_sample(ids) of `rows`."""
-    from pipeline.retrieval.autoindex import ivf_lists
-
     ivf = faiss.try_extract_index_ivf(index)
     if ivf is not None and ivf.nlist > len(ids):
         # k-means cannot make more clusters than points; FAISS would fail or waste memory.
+        lists = factories.ivf_lists(len(ids))
         raise CbirError(
             f"cannot build {factory!r} on {len(ids)} vectors: {ivf.nlist:,} inverted lists "
-            f"is more than the vectors; use about sqrt(vectors) lists, e.g. IVF{ivf_lists(len(ids))}"
+            f"is more than the vectors; use about sqrt(vectors) lists, e.g. IVF{lists}"
         )
     if index.is_trained:
         return
@@ -126,12 +125,10 @@ def build(
     if coll.dim == 0 or len(ids) == 0:
         raise CbirError("the catalog has no indexed images yet: run 'cbir index FOLDER' first")
     if whiten is not None:
-        from pipeline.retrieval import whitening
-
         index = whitening.wrap(whiten, factories.make_index(factory, int(whiten.d_out)))
     else:
         index = factories.make_index(factory, coll.dim)
-    fill(index, coll.rows(), ids, factory, None if usable_only else catalog.vector_crcs(coll.db))
+    fill(index, coll.rows(), ids, factory, None if usable_only else reads.vector_crcs(coll.db))
     if params:
         factories.apply_params(index, params)
     return index
@@ -165,7 +162,7 @@ def save(
         "digest": index_files.file_digest(path),
         "data_digest": index_files.file_digest(data) if data is not None else None,
     }
-    catalog.save_index_record(coll.db, record)
+    writes.save_index_record(coll.db, record)
     index_files.remove_leftovers(coll, name, record)
     return record
 
@@ -190,15 +187,15 @@ def load(
     type allows, so a large index costs page cache, not private memory.
     """
     try:
-        record = catalog.index_record(coll.db, name)
-    except catalog.DamagedRow:
+        record = reads.index_record(coll.db, name)
+    except seals.DamagedRow:
         if name != EXACT:
             raise
         record = None  # the exact index is rebuilt in memory, as when its record is missing
     path = index_files.index_path(coll.index_dir, name, record)
-    # Unchecked: a saved index answers with ids whose rows `catalog.lookup` checks; the
+    # Unchecked: a saved index answers with ids whose rows `reads.lookup` checks; the
     # exact search over the vector file answers from the set itself, so checks every row.
-    dim, ids = coll.dim, catalog.indexed_ids(coll.db)
+    dim, ids = coll.dim, reads.indexed_ids(coll.db)
     exact_record = {"name": EXACT, "factory": EXACT_FACTORY, "params": "{}"}
     if name == EXACT and len(ids) * dim * 4 >= EXACT_FROM_FILE_BYTES:
         index: Any = VectorFileExact(coll.rows(), coll.indexed_ids())
@@ -214,7 +211,7 @@ def load(
             record = {**exact_record, "generation": coll.generation}
     else:
         if record is None:
-            known = ", ".join(r["name"] for r in catalog.index_records(coll.db)) or "none"
+            known = ", ".join(r["name"] for r in reads.index_records(coll.db)) or "none"
             raise CbirError(
                 f"no index named {name!r} (indexes: {known}); "
                 f"build it with 'cbir build-index {name} --factory ...'"
@@ -240,6 +237,29 @@ def load(
     return index, record, in_force
 
 
+def loaded(
+    coll,
+    name: str,
+    params: dict[str, float] | None = None,
+    allow_stale: bool = False,
+) -> tuple[Any, dict[str, Any], dict[str, float]]:
+    """(index, record, parameters in force) of a named index, loaded once per generation
+    and shared (`Collection.cached`).
+
+    With explicit `params` the index is loaded afresh for the caller, so a
+    shared cached index never has its parameters changed under another thread.
+    """
+    if params:
+        return load(coll, name, params, allow_stale)
+
+    def make() -> tuple[Any, dict[str, Any]]:
+        index, record, _ = load(coll, name, None, allow_stale)
+        return index, record
+
+    index, record = coll.cached(("index", name, allow_stale), make)
+    return index, record, json.loads(record["params"] or "{}")
+
+
 def _read_checked(path: Path, record: dict[str, Any], dim: int, mmap: bool | None) -> faiss.Index:
     """Read an index file and check it is the index its record describes: its digests
     (DamagedIndex, exit 1), then what FAISS reads from it."""
@@ -263,8 +283,6 @@ def unusable(index: faiss.Index) -> str | None:
     """Why an index read from its file cannot answer, though FAISS read it: a whitening
     transform with non-finite or absurd values (one built before cbir checked them, or
     recorded without digests) turns every query into NaN. None if it can."""
-    from pipeline.retrieval import whitening
-
     space = whitening.transform_of(index)
     return whitening.transform_problem(space.pca) if space is not None else None
 

@@ -26,10 +26,11 @@ from typing import Any, Protocol
 import faiss
 import numpy as np
 
-from pipeline.config import RERANK_METHODS, Settings
+from pipeline.config import Settings
 from pipeline.errors import CbirError
 from pipeline.retrieval import rerank, whitening
-from pipeline.store import catalog
+from pipeline.specs import parse_rerank
+from pipeline.store import reads
 
 _DEFAULT = Settings()
 
@@ -57,18 +58,6 @@ class Rerank:
     n: int = _DEFAULT.rerank_n
     alpha: float = _DEFAULT.rerank_alpha
     shortlist: int = _DEFAULT.shortlist
-
-
-def parse_rerank(value: str | Sequence[str] | None) -> tuple[str, ...]:
-    """'dba+aqe' or ['dba', 'aqe'] -> ('dba', 'aqe'); unknown names are an error."""
-    if not value:
-        return ()
-    names = value.replace(",", "+").split("+") if isinstance(value, str) else list(value)
-    names = [n.strip().lower() for n in names if n.strip() and n.strip().lower() != "none"]
-    for n in names:
-        if n not in RERANK_METHODS:
-            raise CbirError(f"unknown re-ranking {n!r}: use dba, aqe or dba+aqe")
-    return tuple(m for m in RERANK_METHODS if m in names)  # DBA first, then QE on its vectors
 
 
 def rerank_from(settings: Settings) -> Rerank:
@@ -256,7 +245,7 @@ def search_vectors(
     ids, scores = ranked(index, coll.vectors, queries, k, how, refine, coll.damaged_among)
     if groups is not None:
         ids, scores = merge_variants(ids, scores, groups)
-    rows = catalog.lookup(coll.db, np.unique(ids[ids >= 0]))
+    rows = reads.lookup(coll.db, np.unique(ids[ids >= 0]))
     results = []
     for id_row, score_row in zip(ids, scores, strict=True):
         results.append(

@@ -28,10 +28,10 @@ from typing import Any
 import faiss
 import numpy as np
 
-from pipeline import config, faults, raycluster
+from pipeline import faults, raycluster, specs
 from pipeline.errors import CbirError
 from pipeline.retrieval import factories, index_files, indexes
-from pipeline.store import catalog, vectors
+from pipeline.store import reads, vectors
 
 # More shards than this buys nothing (each is a task with its own copy of the
 # trained index) and would only make huge option values cost memory.
@@ -49,8 +49,8 @@ class Sharding:
 
 def sharding(shards: Any = 1, engine: Any = "local", address: str | None = None) -> Sharding:
     """A checked Sharding (API callers reach here without Click's checks)."""
-    if engine not in config.ENGINES:
-        raise CbirError(f"unknown engine {engine!r}: use {' or '.join(config.ENGINES)}")
+    if engine not in specs.ENGINES:
+        raise CbirError(f"unknown engine {engine!r}: use {' or '.join(specs.ENGINES)}")
     if isinstance(shards, bool) or not isinstance(shards, int | np.integer):
         raise CbirError(f"--shards must be a whole number from 1 to {MAX_SHARDS}, got {shards!r}")
     if not 1 <= shards <= MAX_SHARDS:
@@ -181,7 +181,7 @@ def collection_tasks(
     coll, trained: Path, ids: np.ndarray, shards: int, name: str, tag: str, factory: str
 ) -> list[dict[str, Any]]:
     """`shard_tasks` over a collection's vector file, with the CRCs its catalog records."""
-    recorded = catalog.vector_crcs(coll.db)
+    recorded = reads.vector_crcs(coll.db)
     crcs = np.fromiter(
         (-1 if recorded.get(int(i)) is None else recorded[int(i)] for i in ids),
         dtype=np.int64,

@@ -4,7 +4,7 @@
 thread, so a web server can share it), never a byte written. `writing(...)`
 takes the write lock, creates or migrates the schema, and repairs what an
 interrupted job (or an older cbir with a torn commit) left behind before
-anything is written. Everything else takes a `Collection`; nothing else
+anything is written (`repair`). Everything else takes a `Collection`; nothing else
 derives file paths, maps the vector file or checks a fingerprint.
 """
 
@@ -12,20 +12,29 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Hashable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import sqlite_utils
 
+from pipeline.embed.interface import (
+    KERAS_FP32,
+    describe_mismatch,
+    describe_producer,
+    fingerprint_json,
+    same_producer,
+)
 from pipeline.errors import CbirError
-from pipeline.store import catalog, vectors
+from pipeline.store import catalog, reads, seals, vectors, writes
+from pipeline.store.repair import refuse_lost_catalog, repair
 
 log = logging.getLogger("cbir")
+
+T = TypeVar("T")
 
 
 class Collection:
@@ -38,19 +47,20 @@ class Collection:
         self.index_dir = Path(index_dir)
         self.writer = writer
         self.vectors_path = vectors.vectors_path(catalog_path)
-        # The catalog's own int8 model (embed_openvino.keep): catalog.db -> catalog.models/
+        # The catalog's own int8 model (openvino_convert.keep): catalog.db -> catalog.models/
         self.models_dir = self.vectors_path.with_suffix(".models")
         self._db = db
         self._local = threading.local()
         self._local.db = db
         self._rows_lock = threading.Lock()
-        self._index_lock = threading.Lock()  # loading an index maps rows: two locks, no deadlock
+        # Making a cached value (loading an index) maps rows: two locks, no deadlock.
+        self._cache_lock = threading.Lock()
         self._rows: tuple[int, np.ndarray] | None = None
         self._damaged_lock = threading.Lock()
         self._damaged: tuple[int, np.ndarray] | None = None  # (generation, bad ids), all checked
         self._rows_checked: int | None = None  # the generation whose images rows all passed
         self._reported: set[int] = set()  # damaged ids already told on stderr
-        self._indexes: dict[tuple[str, int, bool], tuple[Any, dict[str, Any]]] = {}
+        self._cache: dict[tuple[int, Hashable], Any] = {}  # (generation, key) -> value
         self.repaired: list[str] = []  # what the writer's repair did on opening
         if check and not writer and self.dim:
             vectors.check(self.vectors_path, self.dim, self.next_id)
@@ -69,39 +79,51 @@ class Collection:
 
     @property
     def dim(self) -> int:
-        return catalog.dimension(self.db)
+        return reads.dimension(self.db)
 
     @property
     def next_id(self) -> int:
-        return catalog.next_id(self.db)
+        return reads.next_id(self.db)
 
     @property
     def generation(self) -> int:
-        return catalog.generation(self.db)
+        return reads.generation(self.db)
 
     @property
     def fingerprint(self) -> dict[str, Any] | None:
-        return catalog.fingerprint(self.db)
+        return reads.fingerprint(self.db)
 
     def indexed_ids(self) -> np.ndarray:
         """The indexed ids, once every images row passed its checksum (`check_rows`)."""
         self.check_rows()
-        return catalog.indexed_ids(self.db)
+        return reads.indexed_ids(self.db)
 
     def check_rows(self) -> None:
         """Every images row against its checksum, once per generation (cached): a damaged
         one is refused in one line (DamagedRow, exit 1) by whatever reads all rows, since
         a damaged status or id would leave an image out unseen.
 
-        One SQL pass calling `catalog.row_crc` per row (measured in docs/architecture.md).
+        One SQL pass calling `seals.row_crc` per row (measured in docs/architecture.md).
         """
         generation = self.generation
         if self._rows_checked == generation:
             return
-        bad = catalog.bad_rows(self.db, "images")
+        bad = seals.bad_rows(self.db, "images")
         if bad:
-            raise catalog.DamagedRow(catalog.rows_damage_text(bad))
+            raise seals.DamagedRow(seals.rows_damage_text(bad))
         self._rows_checked = generation
+
+    def cached(self, key: Hashable, make: Callable[[], T]) -> T:
+        """The value of `key` at this generation, made by `make()` the first time it is
+        asked for (under a lock, so two threads share one) and kept until the catalog
+        changes: values of older generations are dropped then (an index loaded for
+        searching is one; `retrieval.indexes.loaded`)."""
+        entry = (self.generation, key)
+        with self._cache_lock:
+            if entry not in self._cache:
+                self._cache = {k: v for k, v in self._cache.items() if k[0] == entry[0]}
+                self._cache[entry] = make()
+            return self._cache[entry]
 
     # --- the vectors --------------------------------------------------------------------
 
@@ -132,7 +154,7 @@ class Collection:
                 ids = self.indexed_ids()  # before the rows are mapped: rows() covers them
                 bad: list[int] = []
                 if self.dim and len(ids):
-                    bad = vectors.damaged(self.rows(), ids, catalog.vector_crcs(self.db))
+                    bad = vectors.damaged(self.rows(), ids, reads.vector_crcs(self.db))
                 self._damaged = (generation, np.asarray(bad, dtype=np.int64))
             found = self._damaged[1]
         if notice:
@@ -148,7 +170,7 @@ class Collection:
         if cached is not None and cached[0] == self.generation:
             found = np.intersect1d(ids, cached[1])
         else:
-            crcs = catalog.vector_crcs(self.db, ids)
+            crcs = reads.vector_crcs(self.db, ids)
             known = np.asarray(sorted(crcs), dtype=np.int64)  # indexed, so within the rows
             bad = vectors.damaged(self.rows(), known, crcs) if len(known) else []
             found = np.asarray(bad, dtype=np.int64)
@@ -166,7 +188,7 @@ class Collection:
         ids = np.asarray(ids, dtype=np.int64)
         bad = self.damaged_among(ids, notice=False)
         if len(bad):
-            raise CbirError(damage_text(bad.tolist()), exit_code=1)
+            raise CbirError(vectors.damage_text(bad.tolist()), exit_code=1)
         return self.vectors(ids)
 
     def refuse_damaged(self) -> None:
@@ -175,7 +197,7 @@ class Collection:
         leaving a row out would be another answer."""
         bad = self.damaged(notice=False)
         if len(bad):
-            raise CbirError(damage_text(bad.tolist()), exit_code=1)
+            raise CbirError(vectors.damage_text(bad.tolist()), exit_code=1)
 
     def _notice(self, bad: np.ndarray) -> None:
         """One line on stderr for damaged rows not yet told (readers; writers drop them).
@@ -194,24 +216,22 @@ class Collection:
             new = set(every.tolist()) - self._reported
             self._reported |= new
         if new:
-            log.warning("left out of results: %s", damage_text(every.tolist()))
+            log.warning("left out of results: %s", vectors.damage_text(every.tolist()))
 
     # --- the model ----------------------------------------------------------------------
 
     @property
     def producer(self) -> dict[str, Any] | None:
         """What computed the catalog's vectors (Keras fp32 for catalogs that predate producers)."""
-        from pipeline.embed.interface import KERAS_FP32
-
         if self.fingerprint is None:
             return None
-        text = catalog.get_meta(self.db, "producer")
+        text = reads.get_meta(self.db, "producer")
         return json.loads(text) if text else dict(KERAS_FP32)
 
     @property
     def calibration_paths(self) -> list[str]:
         """The int8 calibration images the catalog's producer was quantised with."""
-        text = catalog.get_meta(self.db, "calibration_paths")
+        text = reads.get_meta(self.db, "calibration_paths")
         return json.loads(text) if text else []
 
     def check_embedder(
@@ -223,17 +243,10 @@ class Collection:
         A writer on a catalog without a model adopts this one (with the int8
         `calibration` images, so later commands can rebuild the same model).
         """
-        from pipeline.embed.interface import (
-            describe_mismatch,
-            describe_producer,
-            fingerprint_json,
-            same_producer,
-        )
-
         stored, current = self.fingerprint, embedder.fingerprint
         if stored is None:
             if self.writer:
-                catalog.adopt_model(
+                writes.adopt_model(
                     self.db,
                     fingerprint_json(current),
                     current["dimension"],
@@ -271,28 +284,7 @@ class Collection:
                 "leave --runtime/--precision at auto to use the catalog's, or pass --allow-mixed"
             )
         log.warning("adding %s vectors to a catalog of %s vectors, as --allow-mixed asks", now, was)
-        catalog.mark_mixed(self.db, json.dumps(embedder.producer, sort_keys=True))
-
-    # --- indexes ------------------------------------------------------------------------
-
-    def index(self, name: str, params: dict[str, float] | None = None, allow_stale: bool = False):
-        """(index, record, parameters in force) of a named index, loaded once per generation.
-
-        With explicit `params` the index is loaded afresh for the caller, so a
-        shared cached index never has its parameters changed under another thread.
-        """
-        from pipeline.retrieval import indexes
-
-        if params:
-            return indexes.load(self, name, params, allow_stale)
-        key = (name, self.generation, allow_stale)
-        with self._index_lock:
-            if key not in self._indexes:
-                self._indexes = {k: v for k, v in self._indexes.items() if k[1] == key[1]}
-                index, record, _ = indexes.load(self, name, None, allow_stale)
-                self._indexes[key] = (index, record)
-            index, record = self._indexes[key]
-        return index, record, json.loads(record["params"] or "{}")
+        writes.mark_mixed(self.db, json.dumps(embedder.producer, sort_keys=True))
 
     def close(self) -> None:
         db = getattr(self._local, "db", None)
@@ -322,136 +314,11 @@ def writing(
         refuse_lost_catalog(catalog_path)
         db = catalog.open_writer(catalog_path, create=create)
         coll = Collection(catalog_path, index_dir, True, db)
-        coll.repaired = repair(coll, drop_lost)
+        coll.repaired = repair(db, catalog_path, drop_lost)
         try:
             yield coll
         finally:
             db.conn.close()
-
-
-def refuse_lost_catalog(catalog_path: str | Path) -> None:
-    """Refuse a 0-byte catalog beside a non-empty vector file, before anything is written.
-
-    A new catalog would adopt the vector file and cut it to its 0 committed rows; an
-    empty file where a catalog was is a lost catalog (a failed copy, a full disk), not a
-    new one. (A missing catalog is a new one: its old vector file is cut.)
-    """
-    real = Path(os.path.realpath(catalog_path))
-    vec = vectors.vectors_path(real)
-    try:
-        empty = real.stat().st_size == 0
-        wal = Path(f"{real}-wal")  # a WAL may hold what the main file does not yet
-        empty = empty and not (wal.exists() and wal.stat().st_size)
-        size = vec.stat().st_size if empty and vec.exists() else 0
-    except OSError:
-        return  # no catalog yet, or one the opening reports on
-    if size:
-        raise CbirError(
-            f"catalog {catalog_path} is empty (0 bytes) but its vector file {vec} holds "
-            f"{size:,} bytes of vectors: the catalog was lost or truncated. Restore it from a "
-            f"backup, or move {vec.name} away to start a new catalog; nothing was changed"
-        )
-
-
-def repair(coll: Collection, drop_lost: bool = False) -> list[str]:
-    """Bring catalog and vector file back to one consistent state (writers); returns what was done.
-
-    Only what an interrupted job leaves is repaired on every open:
-    - rows at or past `next_id` (a commit torn by an older cbir) are dropped, so
-      their files are indexed again;
-    - vector bytes past `next_id` (a batch fsynced but never committed) are cut;
-    - indexed rows without a vector checksum (catalogs older than schema 3) get one;
-    - runs left 'running' by a killed job are marked 'interrupted'.
-
-    A vector file shorter than `next_id` rows is never a torn write (vectors are
-    fsynced before the rows that point at them are committed): it is damage, refused
-    in one line with nothing changed, unless `drop_lost` (`verify --repair`) drops
-    the rows past its end (so their files are indexed again) and pads it back.
-    """
-    db, vec = coll.db, coll.vectors_path
-    done: list[str] = []
-    dim = coll.dim
-    committed = coll.next_id if dim else 0
-    indexed = len(catalog.indexed_ids(db)) if dim else 0  # damaged rows: dropped or refused later
-    if not vec.exists() and indexed:
-        raise CbirError(
-            f"vector file {vec} is missing but the catalog has {indexed} indexed images: "
-            "restore it beside the catalog, or start a new catalog",
-            exit_code=1,
-        )
-    if dim and not drop_lost:
-        vectors.check(vec, dim, committed)  # before anything is written: refused, untouched
-    # Holding the lock, any run still 'running' belongs to a job that was killed.
-    catalog.close_dead_runs(db)
-    if not dim:
-        return done
-    on_disk = vectors.row_count(vec, dim)
-    durable = min(committed, on_disk)
-    dropped = catalog.drop_rows_from(db, durable)
-    if dropped:
-        done.append(
-            f"dropped {dropped} catalog rows at or past id {durable} whose vectors were never "
-            "committed or are gone; their files are indexed again"
-        )
-    if on_disk < committed:
-        # Nothing points at these rows any more; the file must still reach next_id,
-        # because ids are never reused and the next batch is written at next_id.
-        if not vec.exists():
-            vec.touch()
-        vectors.resize(vec, committed, dim)
-        done.append(f"vector file was {on_disk} rows for {committed} ids; padded")
-    else:
-        cut = vectors.recover(vec, dim, committed)
-        if cut:
-            done.append(f"cut {cut} uncommitted vector rows left by an interrupted job")
-    missing = [i for i, c in catalog.vector_crcs(db).items() if c is None]
-    unkeyed = list(db.query("select id, path from images where file_key is null"))
-    if missing or unkeyed:  # in a sealed catalog only damage leaves these empty: not re-sealed
-        bad = set(catalog.bad_rows(db, "images"))
-        missing = [i for i in missing if i not in bad]
-        unkeyed = [r for r in unkeyed if r["id"] not in bad]
-    if missing:
-        rows = coll.rows()
-        ids = np.asarray(sorted(missing), dtype=np.int64)
-        crcs: dict[int, int] = {}
-        for start in range(0, len(ids), 65536):
-            chunk = ids[start : start + 65536]
-            crcs.update(zip(chunk.tolist(), vectors.crc(rows[chunk]), strict=True))
-        catalog.set_vector_crcs(db, crcs)
-        done.append(f"recorded checksums of {len(crcs)} vectors (catalog from an older cbir)")
-    if unkeyed:
-        # '' marks a file that is gone, so it is not looked for again at every open.
-        catalog.set_file_keys(db, {r["id"]: file_key(r["path"]) or "" for r in unkeyed})
-        done.append(
-            f"recorded file identities of {len(unkeyed)} images (catalog from an older cbir)"
-        )
-    for line in done:
-        if not line.startswith("cut "):  # routine after any kill; the rest is worth a notice
-            log.warning("repaired %s: %s", coll.path, line)
-    return done
-
-
-def file_key(path: str) -> str | None:
-    """'st_dev:st_ino' of the file a path names (after symlinks), or None if it is gone."""
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None
-    return f"{st.st_dev}:{st.st_ino}"
-
-
-def damage_text(bad: list[int]) -> str:
-    """One line on damaged rows: how many, which, and how to repair them."""
-    if len(bad) == 1:
-        return (
-            f"the stored vector of id {bad[0]} fails its checksum (the vector file is damaged); "
-            "'cbir verify --repair' drops it so that the next 'cbir index' embeds it again"
-        )
-    return (
-        f"{len(bad)} stored vectors (ids {bad[:5]}) fail their checksum (the vector file is "
-        "damaged); 'cbir verify --repair' drops them so that the next 'cbir index' embeds "
-        "them again"
-    )
 
 
 def drop_damaged(coll: Collection) -> list[int]:
@@ -462,8 +329,8 @@ def drop_damaged(coll: Collection) -> list[int]:
     status cannot be trusted, so no vector row of theirs either), told in `coll.repaired`
     and on stderr: their files are found as new by the next job and indexed again.
     """
-    if bad_rows := catalog.bad_rows(coll.db, "images"):
-        catalog.drop_damaged_rows(coll.db, bad_rows)
+    if bad_rows := seals.bad_rows(coll.db, "images"):
+        writes.drop_damaged_rows(coll.db, bad_rows)
         line = (
             f"dropped {len(bad_rows)} images whose catalog rows fail their checksum "
             f"(ids {bad_rows[:5]}); the next 'cbir index' of their folders indexes them again"
@@ -472,5 +339,5 @@ def drop_damaged(coll: Collection) -> list[int]:
         log.warning("repaired %s: %s", coll.path, line)
     bad = coll.damaged().tolist()
     if bad:
-        catalog.delete_rows(coll.db, bad)
+        writes.delete_rows(coll.db, bad)
     return bad

@@ -137,6 +137,20 @@ def damaged(rows: np.ndarray, ids: np.ndarray, crcs: dict[int, int | None]) -> l
     return bad
 
 
+def damage_text(bad: list[int]) -> str:
+    """One line on damaged rows: how many, which, and how to repair them."""
+    if len(bad) == 1:
+        return (
+            f"the stored vector of id {bad[0]} fails its checksum (the vector file is damaged); "
+            "'cbir verify --repair' drops it so that the next 'cbir index' embeds it again"
+        )
+    return (
+        f"{len(bad)} stored vectors (ids {bad[:5]}) fail their checksum (the vector file is "
+        "damaged); 'cbir verify --repair' drops them so that the next 'cbir index' embeds "
+        "them again"
+    )
+
+
 def open_rows(path: Path, dim: int, rows: int) -> np.ndarray:
     """Memory-map the first `rows` rows read-only (no copy, any size)."""
     if rows == 0:

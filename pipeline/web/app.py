@@ -17,11 +17,9 @@ from werkzeug.exceptions import HTTPException
 from werkzeug.routing import IntegerConverter
 
 from pipeline import api, files
+from pipeline.api.session import Session
 from pipeline.config import Settings
-from pipeline.embed.interface import Embedder
 from pipeline.errors import NotFoundError
-from pipeline.store import catalog
-from pipeline.store.collection import Collection
 from pipeline.web import auth, carry, params
 from pipeline.web.carry import CarriedQuery
 from pipeline.web.failures import BadRequest, status_and_message
@@ -43,12 +41,11 @@ class IdConverter(IntegerConverter):
 
 
 def _printable(value: Any) -> Any:
-    return catalog.shown(value) if isinstance(value, str) else value
+    return files.shown(value) if isinstance(value, str) else value
 
 
 def create_app(
-    coll: Collection,
-    embedder: Embedder,
+    session: Session,
     settings: Settings,
     thumbs_dir: str | Path | None = None,
     max_upload: int = MAX_UPLOAD,
@@ -57,7 +54,7 @@ def create_app(
     decode_slots: int | None = None,
     busy_wait_s: float = BUSY_WAIT_S,
 ) -> Flask:
-    """The web app over an open collection and a loaded model (a batch of 1 is enough).
+    """The web app over a session: an open collection and its loaded model (api.session).
 
     `settings` are the defaults of every search (k, index, rerank, ...); a
     request may choose others. With a `token`, every request must carry it.
@@ -67,7 +64,7 @@ def create_app(
     The model is warmed up and the default index loaded before this returns.
     """
     slots = DecodeSlots(decode_slots or cores(), pixel_budget, busy_wait_s)
-    service = Service(coll, embedder, settings, slots, thumbs_dir)
+    service = Service(session, settings, slots, thumbs_dir)
     service.warm_up()
     app = Flask(__name__, template_folder=str(TEMPLATES))
     app.url_map.converters["id"] = IdConverter
@@ -196,7 +193,7 @@ def _pages(app: Flask, service: Service, max_upload: int) -> None:
             ) from None
         # A name that is not UTF-8 cannot go into headers (or werkzeug's etag of the
         # path): send the open file, named as it is shown.
-        name = catalog.shown(os.path.basename(path))
+        name = files.shown(os.path.basename(path))
         return send_file(f, download_name=name, etag=False)
 
     @app.get("/thumb/<id:image_id>")

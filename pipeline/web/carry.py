@@ -25,7 +25,7 @@ from typing import Any
 from PIL import Image
 
 from pipeline import api
-from pipeline.embed.descriptor import MAX_ASPECT, SIZE_RANGE
+from pipeline.api.session import is_model_input
 from pipeline.inputs import thumbs
 from pipeline.inputs.decode import DecodeError, decode_bytes
 from pipeline.web.failures import BadRequest
@@ -87,14 +87,14 @@ def from_form(form: Mapping[str, Any]) -> CarriedQuery | None:
 def _check_shape(data: bytes) -> None:
     """Refuse (400), from its header alone, a carried image that no results page sends: a
     page carries a PNG whose shorter side is the model's input size and whose longer side
-    is at most MAX_ASPECT times that. A thin one would be upscaled to gigabytes."""
+    is at most MAX_ASPECT times that (`is_model_input`). A thin one would be upscaled to
+    gigabytes."""
     try:
         with Image.open(io.BytesIO(data)) as im:
             fmt, (w, h) = im.format, im.size
     except Exception:  # any header Pillow cannot read
         raise BadRequest("the carried query image is not a PNG") from None
-    lo, hi = SIZE_RANGE
-    if fmt != "PNG" or not lo <= min(w, h) <= hi or max(w, h) > MAX_ASPECT * min(w, h):
+    if fmt != "PNG" or not is_model_input(w, h):
         raise BadRequest(f"the carried query image ({w}x{h}) is not one a results page sends")
 
 

@@ -12,8 +12,7 @@ import re
 import sqlite3
 
 from pipeline import errors
-from pipeline.errors import CbirError, NotFoundError, StaleIndexError
-from pipeline.store.catalog import CatalogNotReady
+from pipeline.errors import CatalogNotReady, CbirError, NotFoundError, StaleIndexError
 from pipeline.web.slots import Busy
 
 log = logging.getLogger("cbir")

@@ -3,7 +3,7 @@
 The same options as `cbir search`: -k, --index, --rerank, --shortlist,
 --rotations (a form field; the JSON API's queries are ids, never turned),
 --relevant, --not-relevant (and --allow-stale for the JSON API). Each value is
-checked against the same specs as the CLI's (pipeline/config.py); the web
+checked against the same specs as the CLI's (pipeline/specs.py); the web
 caps k lower, since every result is a row to look up and, on a page, an image.
 """
 
@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from pipeline import config
+from pipeline import specs
 from pipeline.config import Settings
 from pipeline.web.failures import BadRequest
 
@@ -59,7 +59,7 @@ class SearchParams:
         merged.update(changes)
         if self.shortlist is None:
             merged["shortlist"] = max(merged["shortlist"], merged["k"])
-        return base.replace(**config.validate(merged))
+        return base.replace(**specs.validate(merged))
 
     def feedback(self) -> dict[str, tuple[int, ...]]:
         return {"relevant": self.relevant, "not_relevant": self.not_relevant}
@@ -86,17 +86,15 @@ def _k(value: Any) -> int:
 
 
 def _index(value: Any) -> str:
-    return config.check("index", value)
+    return specs.check("index", value)
 
 
 def _rerank(value: Any) -> str:
-    from pipeline.retrieval.ranking import parse_rerank  # imports FAISS, loaded by then anyway
-
-    return "+".join(parse_rerank(config.check("rerank", value)))
+    return "+".join(specs.parse_rerank(specs.check("rerank", value)))
 
 
 def _shortlist(value: Any) -> int:
-    return config.check("shortlist", _integer(value))
+    return specs.check("shortlist", _integer(value))
 
 
 def _ids(name: str, values: list[Any]) -> tuple[int, ...]:
@@ -105,7 +103,7 @@ def _ids(name: str, values: list[Any]) -> tuple[int, ...]:
     for v in values:
         parts = v.replace(",", " ").split() if isinstance(v, str) else [v]
         for p in map(_integer, parts):
-            if not isinstance(p, int) or isinstance(p, bool) or not 0 <= p <= config.ID.hi:
+            if not isinstance(p, int) or isinstance(p, bool) or not 0 <= p <= specs.ID.hi:
                 raise BadRequest(f"{name} must be a list of catalog ids")
             ids.append(p)
     if len(ids) > MAX_FEEDBACK:
@@ -131,7 +129,7 @@ def from_form(form: Mapping[str, Any]) -> SearchParams:
         index=_index(given("index")) if given("index") is not None else None,
         rerank=_rerank(form.get("rerank")) if form.get("rerank") is not None else None,
         shortlist=_shortlist(given("shortlist")) if given("shortlist") is not None else None,
-        rotations=config.check("rotations", given("rotations"))
+        rotations=specs.check("rotations", given("rotations"))
         if given("rotations") is not None
         else None,
         relevant=_ids("relevant", form.getlist("relevant")),

@@ -17,7 +17,7 @@ from typing import Any
 
 from flask import Flask
 
-from pipeline import api
+from pipeline.api.session import open_session
 from pipeline.config import Settings
 from pipeline.errors import CbirError
 from pipeline.web import create_app
@@ -54,9 +54,7 @@ def open_app(settings: Settings, **options: Any) -> Flask:
     settings = settings.replace(
         catalog=os.path.abspath(settings.catalog), index_dir=os.path.abspath(settings.index_dir)
     )
-    coll = api.open_collection(settings)
-    embedder = api.embedder_for(settings, coll, batch_size=MICRO_BATCH)
-    return create_app(coll, embedder, settings, **options)
+    return create_app(open_session(settings, batch_size=MICRO_BATCH), settings, **options)
 
 
 def make_server(app: Flask, host: str, port: int, threads: int = DEFAULT_THREADS):

@@ -1,0 +1,95 @@
+"""`cbir search`: the top-k images for query files, folders or catalog ids, printed or as JSON."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import click
+
+from pipeline import api
+from pipeline.cli.options import (
+    common_options,
+    descriptor_options,
+    runtime_options,
+    search_param_options,
+    typed,
+)
+from pipeline.config import DEFAULTS
+from pipeline.errors import CbirError
+from pipeline.specs import OPTIONS, SPEC
+
+
+@click.command("search")
+@click.argument("queries", nargs=-1)
+@click.option(
+    "--id",
+    "ids",
+    type=typed(OPTIONS["id"]),
+    multiple=True,
+    help="Query by catalog id (repeatable).",
+)
+@click.option(
+    "-k", type=typed(SPEC["k"]), default=None, help=f"Number of results [default {DEFAULTS['k']}]."
+)
+@click.option("--index", default=None, help="'exact' (default) or the name of a built index.")
+@click.option("--json", "as_json", is_flag=True, help="JSON Lines: one line per query.")
+@click.option("--allow-stale", is_flag=True, help="Search an approximate index even if stale.")
+@click.option("--rerank", default=None, help="Re-rank: 'dba', 'aqe' or 'dba+aqe' [default none].")
+@click.option(
+    "--shortlist",
+    type=typed(SPEC["shortlist"]),
+    default=None,
+    help=f"Candidates to re-rank [default {DEFAULTS['shortlist']}].",
+)
+@click.option(
+    "--rotations",
+    type=typed(SPEC["rotations"]),
+    default=None,
+    help="For photos stored sideways without an EXIF tag: also query each image turned by "
+    "these angles (before the crop) and keep each result's best score. Costs one more "
+    "embedding and search of the query per angle (4 angles: 4x). --id queries use their "
+    f"stored vector, unturned [default {DEFAULTS['rotations']}: off].",
+)
+@click.option(
+    "--relevant",
+    type=typed(OPTIONS["id"]),
+    multiple=True,
+    help="Relevance feedback: an id you marked relevant (repeatable).",
+)
+@click.option(
+    "--not-relevant",
+    "not_relevant",
+    type=typed(OPTIONS["id"]),
+    multiple=True,
+    help="Relevance feedback: an id you marked not relevant (repeatable).",
+)
+@search_param_options
+@descriptor_options
+@runtime_options
+@common_options
+def search_cmd(queries: tuple[str, ...], ids: tuple[int, ...], as_json: bool, **options) -> None:
+    """Top-k most similar images for image files, folders of images, or --id N."""
+    if not queries and not ids:
+        raise CbirError("give a query image, a folder of images, or --id N")
+    answers = api.search([*queries, *ids], **options)
+    bad = 0
+    for a in answers:
+        if "error" in a:
+            bad += 1
+            click.echo(f"cbir: error: {a['error']}", err=True)
+            if not as_json:
+                continue
+        if as_json:
+            click.echo(json.dumps(a))
+            continue
+        click.echo(
+            f"query: {a['query']}" + (f" (id {a['query_id']})" if a["query_id"] is not None else "")
+        )
+        click.echo(f"  {'rank':>4}  {'score':>7}  {'label':<14} path")
+        for r in a["results"]:
+            click.echo(
+                f"  {r['rank']:>4}  {r['score']:7.4f}  {str(r['label'] or '-'):<14} {r['path']}"
+            )
+    if bad:
+        sys.exit(2)
