@@ -87,7 +87,7 @@ def corel_collection(tmp_path_factory, weights, corel_db_rows):
         "catalog": str(tmp / "catalog.db"),
         "index_dir": str(tmp / "index"),
         "weights": weights,
-        "runtime": "keras",  # the reference; tests/test_runtime.py covers OpenVINO
+        "runtime": "keras",  # the reference; tests/embed/test_runtime.py covers OpenVINO
         # The paper's descriptor: the figures the tests assert were measured with it
         # (queries on the catalog then use it without flags, as users' would).
         "input": "crop",

@@ -38,7 +38,7 @@ def evaluate(
 
     `groundtruth` (a CSV of query,relevant file names of catalog images, as the
     Holidays and UKBench benchmarks give them) instead returns the instance
-    figures of `instance_eval.evaluate_instances`: `map` (Holidays protocol),
+    figures of `evaluation.instances.evaluate_instances`: `map` (Holidays protocol),
     `ns_score` (UKBench protocol) and `per_query` with each relevant image's rank.
     """
     s = settings_for(config, **options)

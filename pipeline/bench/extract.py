@@ -12,21 +12,25 @@ from typing import Any
 import numpy as np
 
 from pipeline import api
+from pipeline.bench import synth
 from pipeline.config import Settings
+from pipeline.embed import cpu
+from pipeline.embed.calibration import choose_calibration
 from pipeline.embed.interface import Embedder
 from pipeline.errors import CbirError
 from pipeline.ingest import jobs
 from pipeline.inputs.decode import DecodeError, decode_file
 from pipeline.inputs.scan import scan
-from pipeline.retrieval import exact
+from pipeline.retrieval import exact, factories, index_files, indexes
+from pipeline.retrieval.factories import ivf_lists
+from pipeline.retrieval.metrics import recall_at
+from pipeline.retrieval.ranking import ranked
 from pipeline.store.collection import writing
 
 
 def _producers(settings: Settings) -> list[tuple[str, str]]:
     """The (runtime, precision) pairs to compare: the one asked for, or all this machine runs."""
     import importlib.util
-
-    from pipeline.embed import cpu
 
     if settings.runtime != "auto" and settings.precision != "auto":
         return [("keras", "fp32"), (settings.runtime, settings.precision)]
@@ -48,7 +52,6 @@ def bench_extract(
     means decoding and storage are hidden behind the model. Each producer's
     vectors are compared with Keras fp32's: mean and minimum cosine.
     """
-    from pipeline.embed.calibration import choose_calibration
 
     files = [f.path for f in scan([folder], labels="none")]
     if limit:
@@ -133,7 +136,6 @@ def _factories(
     spec: list[str], n: int
 ) -> list[tuple[str, dict[str, float], list[dict[str, float]]]]:
     """(factory, fixed params, sweep of search params) for each index kind asked for."""
-    from pipeline.retrieval.factories import ivf_lists
 
     out = []
     for kind in spec:
@@ -176,11 +178,6 @@ def bench_scale(
     re-scoring from the vector file included), as `cbir search` runs them.
     """
     import csv
-
-    from pipeline.bench import synth
-    from pipeline.retrieval import factories, index_files, indexes
-    from pipeline.retrieval.metrics import recall_at
-    from pipeline.retrieval.ranking import ranked
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -95,7 +95,7 @@ def ivf_lists(n: int) -> int:
 # OPQ8_0: SIGFPE, RR0: a segfault), hangs (NSG4), builds a useless index (PCA0, SQ0) or
 # allocates without bound (HNSW100000: 800 KB a vector; IMI2x16: 2^32 lists). (pattern,
 # what it is, lowest, highest; None: the vectors' dimension.) Every other number must be
-# at least 1. tests/test_trust_indexes.py holds the table of strings tried.
+# at least 1. tests/retrieval/test_trust_indexes.py holds the table of strings tried.
 _FACTORY_LIMITS: tuple[tuple[re.Pattern[str], str, int, int | None], ...] = (
     (re.compile(r"HNSW(\d+)"), "number of HNSW links", 2, 256),
     (re.compile(r"NSG(\d+)"), "NSG graph degree", 8, 256),

@@ -3,7 +3,7 @@
 Each client keeps one connection and sends, until the time or the count is
 up, uploads of catalogued images, searches by id, or both in turn; every
 answer is checked (status 200, and the query's own image at rank 1, ties
-with exact duplicates allowed). Used by tests/test_web_load.py and
+with exact duplicates allowed). Used by tests/web/test_web_load.py and
 `cbir bench serve`; `python -m pipeline.web.load < job.json` runs a job and
 prints its result as JSON, so the clients can run in a process of their own,
 off the server's interpreter lock.
@@ -23,6 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
+
+from pipeline.errors import CbirError
 
 KINDS = ("upload", "id", "mixed")
 
@@ -171,8 +173,6 @@ def run_in_process(job: Job) -> dict[str, Any]:
     """Run `job` in a child Python process (its own interpreter lock); the result."""
     import os
     import subprocess
-
-    from pipeline.errors import CbirError
 
     root = str(Path(__file__).resolve().parents[2])
     env = {
