@@ -9,7 +9,26 @@ The Python API mirrors the CLI:
             print(r["rank"], r["score"], r["path"])
 """
 
-from pipeline.api import build_index, evaluate, index, info, search, train, verify
+from pipeline.api import (
+    build_index,
+    duplicates,
+    evaluate,
+    index,
+    info,
+    search,
+    train,
+    verify,
+)
 from pipeline.errors import CbirError
 
-__all__ = ["CbirError", "build_index", "evaluate", "index", "info", "search", "train", "verify"]
+__all__ = [
+    "CbirError",
+    "build_index",
+    "duplicates",
+    "evaluate",
+    "index",
+    "info",
+    "search",
+    "train",
+    "verify",
+]

@@ -146,6 +146,10 @@ OPTIONS: dict[str, Spec] = {
     "port": Spec("int", 0, 65535),
     "max_upload_mb": Spec("float", 0, 4096, lo_open=True),
     "uploads": Spec("int", 1, 100_000),
+    # cbir duplicates: cosine thresholds (a duplicate is at least this close to its group's centre)
+    "near": Spec("float", 0, 1, lo_open=True),
+    "similar": Spec("float", 0, 1, lo_open=True),
+    "include": Spec("choice", choices=("exact", "near", "similar")),
 }
 
 

@@ -9,7 +9,7 @@ clients that keep them open (the web server).
 One module per job: `models` (which model a command uses, loaded once per
 process by `cached_embedder`), `indexing` (index), `searching` (search,
 search_in), `building` (build_index, update_indexes), `checks` (info,
-verify), `experiments` (evaluate, train), and `frontends` (the limits,
+verify), `dedup` (duplicates), `experiments` (evaluate, train), and `frontends` (the limits,
 parsers and texts of the core that the front-ends show).
 
 Layering (setup.cfg [importlinter]): the API may import every layer below it
@@ -25,6 +25,7 @@ where the API looks it up, not the name re-exported here.
 
 from pipeline.api.building import build_index, update_indexes
 from pipeline.api.checks import info, info_in, verify
+from pipeline.api.dedup import KIND_NAMES, duplicates, duplicates_in, duplicates_report
 from pipeline.api.experiments import evaluate, train
 from pipeline.api.frontends import (
     DEFAULT_SHRINKAGE,
@@ -59,6 +60,7 @@ from pipeline.api.searching import Pixels, Query, Upload, search, search_in
 __all__ = [
     "DEFAULT_SHRINKAGE",
     "DEFAULT_WHITEN_DIM",
+    "KIND_NAMES",
     "MAX_SHARDS",
     "SHRINKAGE_SPEC",
     "WHITEN_DIM_SPEC",
@@ -72,6 +74,9 @@ __all__ = [
     "describe_update",
     "describe_whitening",
     "descriptor_for",
+    "duplicates",
+    "duplicates_in",
+    "duplicates_report",
     "embedder_args",
     "embedder_for",
     "evaluate",

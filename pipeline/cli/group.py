@@ -13,6 +13,7 @@ import click
 
 from pipeline import errors
 from pipeline.cli.checking import info_cmd, verify_cmd
+from pipeline.cli.duplicates import duplicates_cmd
 from pipeline.cli.experiments import evaluate_cmd, train_cmd
 from pipeline.cli.indexing import build_index_cmd, index_cmd
 from pipeline.cli.options import OneLineGroup
@@ -48,6 +49,7 @@ def main(debug: bool) -> None:
 for command in (
     index_cmd,
     search_cmd,
+    duplicates_cmd,
     build_index_cmd,
     info_cmd,
     verify_cmd,

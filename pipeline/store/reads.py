@@ -123,9 +123,9 @@ def vector_crcs(db: sqlite_utils.Database, ids=None) -> dict[int, int | None]:
     return out
 
 
-def lookup(db: sqlite_utils.Database, ids) -> dict[int, dict[str, Any]]:
-    """Rows of the given ids (path, label, status), fetched in one query per 500; each
-    checked against its checksum (DamagedRow, one line, if one fails)."""
+def _by_ids(db: sqlite_utils.Database, ids, columns: str) -> dict[int, dict[str, Any]]:
+    """Committed rows of the given ids (`columns` of each), fetched in one query per 500;
+    each checked against its checksum (DamagedRow, one line, if one fails)."""
     ids = [int(i) for i in ids]
     out: dict[int, dict[str, Any]] = {}
     committed = next_id(db)
@@ -133,12 +133,23 @@ def lookup(db: sqlite_utils.Database, ids) -> dict[int, dict[str, Any]]:
         chunk = ids[start : start + 500]
         marks = ",".join("?" * len(chunk))
         sql = (
-            f"select id, path, label, status, {intact(db, 'images')} as intact from images "
+            f"select id, {columns}, {intact(db, 'images')} as intact from images "
             f"where id in ({marks}) and {_COMMITTED}"
         )
         for r in _checked(db, sql, [*chunk, committed]):
             out[r["id"]] = r
     return out
+
+
+def lookup(db: sqlite_utils.Database, ids) -> dict[int, dict[str, Any]]:
+    """Rows of the given ids (path, label, status), checked (see `_by_ids`)."""
+    return _by_ids(db, ids, "path, label, status")
+
+
+def details(db: sqlite_utils.Database, ids) -> dict[int, dict[str, Any]]:
+    """What a person compares duplicates by: path, label, size, mtime, sha256, width and
+    height of the given ids, checked (see `_by_ids`)."""
+    return _by_ids(db, ids, "path, label, size, mtime, sha256, width, height")
 
 
 def find_by_sha(db: sqlite_utils.Database, sha256: str) -> int | None:

@@ -1,0 +1,126 @@
+"""`cbir duplicates`: groups of the same photo and of similar shots, as a table, JSON or CSV."""
+
+from __future__ import annotations
+
+import csv
+import json
+import sys
+from typing import Any
+
+import click
+
+from pipeline import api
+from pipeline.cli.options import CommaList, common_options, typed
+from pipeline.specs import OPTIONS
+
+CSV_COLUMNS = (
+    "group", "kind", "keeper", "id", "score", "width", "height", "size", "date", "path",
+)  # fmt: skip
+
+
+def _size(n: int | None) -> str:
+    if n is None:
+        return "-"
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return "-"
+
+
+def print_table(report: dict[str, Any]) -> None:
+    """Each group: its kind, then its images (the suggested keeper first marked `keep`)."""
+    for g in report["groups"]:
+        click.echo(f"group {g['group']}: {api.KIND_NAMES[g['kind']]}, {len(g['images'])} images")
+        for im in g["images"]:
+            res = f"{im['width']}x{im['height']}" if im["width"] else "-"
+            click.echo(
+                f"  {'keep' if im['keeper'] else '    '}  {im['score']:.4f}  {res:>11}  "
+                f"{_size(im['size']):>9}  {(im['date'] or '-')[:10]}  {im['path']}"
+                + ("" if im["exists"] else "  (missing)")
+            )
+    kinds = {}
+    for g in report["groups"]:
+        kinds[g["kind"]] = kinds.get(g["kind"], 0) + 1
+    extra = [im for g in report["groups"] for im in g["images"] if not im["keeper"]]
+    said = ", ".join(f"{n} {api.KIND_NAMES[k]}" for k, n in kinds.items())
+    click.echo(
+        f"{len(report['groups'])} groups{f' ({said})' if said else ''} among "
+        f"{report['images']:,} images; {len(extra)} images besides the keepers "
+        f"({_size(sum(im['size'] or 0 for im in extra))})"
+        + (
+            f"; pair recall of index {report['index']} {report['pair_recall']:.3f}"
+            if report["pair_recall"] is not None
+            else ""
+        )
+    )
+
+
+def write_csv(report: dict[str, Any], out) -> None:
+    w = csv.writer(out, lineterminator="\n")
+    w.writerow(CSV_COLUMNS)
+    for g in report["groups"]:
+        for im in g["images"]:
+            w.writerow(
+                [g["group"], g["kind"], int(im["keeper"]), im["id"], f"{im['score']:.6f}"]
+                + [im[k] if im[k] is not None else "" for k in ("width", "height", "size", "date")]
+                + [im["path"]]
+            )
+
+
+@click.command("duplicates")
+@click.option(
+    "--include",
+    type=CommaList(typed(OPTIONS["include"])),
+    default="exact,near",
+    show_default=True,
+    help="Kinds of group: exact (same bytes), near (the same photo resized, re-encoded, "
+    "cropped a little, colour-adjusted, framed or marked), similar (the same scene taken "
+    "again, a burst).",
+)
+@click.option(
+    "--near",
+    type=typed(OPTIONS["near"]),
+    default=None,
+    help="Cosine to a group's centre for near-identical copies [default: measured, see "
+    "docs/benchmarks.md].",
+)
+@click.option(
+    "--similar",
+    type=typed(OPTIONS["similar"]),
+    default=None,
+    help="Cosine to a group's centre for similar shots [default: measured].",
+)
+@click.option(
+    "--index",
+    default=None,
+    help="'exact' (default) or an IVF index to find pairs with (its pair recall is printed).",
+)
+@click.option("--json", "as_json", is_flag=True, help="The whole report as one JSON object.")
+@click.option("--csv", "as_csv", is_flag=True, help="One CSV row per image of each group.")
+@common_options
+def duplicates_cmd(as_json: bool, as_csv: bool, **options: Any) -> None:
+    """Groups of duplicate images (no model runs): same bytes, near-identical, similar shots."""
+    from tqdm import tqdm
+
+    if as_json and as_csv:
+        raise click.UsageError("give --json or --csv, not both")
+    bar: list[tqdm] = []
+
+    def on_total(n: int) -> None:
+        bar.append(tqdm(total=n, unit="img", disable=None, file=sys.stderr, desc="comparing"))
+
+    def progress(n: int) -> None:
+        bar[0].update(n)
+
+    try:
+        report = api.duplicates_report(progress=progress, on_total=on_total, **options)
+    finally:
+        for b in bar:
+            b.close()
+    if as_json:
+        click.echo(json.dumps(report))
+    elif as_csv:
+        write_csv(report, sys.stdout)
+    else:
+        print_table(report)
