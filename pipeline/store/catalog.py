@@ -22,7 +22,7 @@ import fcntl
 import os
 import sqlite3
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
@@ -204,6 +204,24 @@ def open_reader(path: str | Path) -> sqlite_utils.Database:
 # --- one writer ----------------------------------------------------------------------------
 
 
+# The lock files this process holds open. A process forked while a job holds the lock
+# shares the open file, and so the lock, until it exits: OpenVINO's telemetry forks one
+# from a thread on `import openvino` to send a report (and waits seconds on a network
+# that may not answer), and the next job in this process or another would be refused.
+# So a forked child closes its copies at once; the parent's copy still holds the lock.
+_held: set[int] = set()
+
+
+def _forget_locks_in_child() -> None:
+    for fd in list(_held):
+        with suppress(OSError):
+            os.close(fd)
+    _held.clear()
+
+
+os.register_at_fork(after_in_child=_forget_locks_in_child)
+
+
 def lock_path(catalog_path: str | Path) -> Path:
     """The lock belongs to the file, not the name: symlinks and '..' resolve to one lock."""
     return Path(os.path.realpath(catalog_path) + ".lock")
@@ -222,6 +240,7 @@ def write_lock(catalog_path: str | Path) -> Iterator[None]:
         raise CbirError(
             f"cannot write in {path.parent} ({e.strerror}): writing the catalog needs a writable folder"
         ) from None
+    _held.add(fd)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -231,4 +250,5 @@ def write_lock(catalog_path: str | Path) -> Iterator[None]:
             ) from None
         yield
     finally:
+        _held.discard(fd)
         os.close(fd)
