@@ -9,7 +9,8 @@ clients that keep them open (the web server).
 One module per job: `models` (which model a command uses, loaded once per
 process by `cached_embedder`), `indexing` (index), `searching` (search,
 search_in), `building` (build_index, update_indexes), `checks` (info,
-verify), `dedup` (duplicates), `experiments` (evaluate, train), and `frontends` (the limits,
+verify), `dedup` (duplicates, and moving them: move_duplicates, undo_moves),
+`experiments` (evaluate, train), and `frontends` (the limits,
 parsers and texts of the core that the front-ends show).
 
 Layering (setup.cfg [importlinter]): the API may import every layer below it
@@ -25,7 +26,17 @@ where the API looks it up, not the name re-exported here.
 
 from pipeline.api.building import build_index, update_indexes
 from pipeline.api.checks import info, info_in, verify
-from pipeline.api.dedup import KIND_NAMES, duplicates, duplicates_in, duplicates_report
+from pipeline.api.dedup import (
+    KIND_NAMES,
+    duplicates,
+    duplicates_in,
+    duplicates_report,
+    move_duplicates,
+    undo_moves,
+    write_move_plan,
+)
+from pipeline.api.dedup_export import chosen_moves
+from pipeline.api.dedup_export import write_csv as write_duplicates_csv
 from pipeline.api.experiments import evaluate, train
 from pipeline.api.frontends import (
     DEFAULT_SHRINKAGE,
@@ -70,6 +81,7 @@ __all__ = [
     "build_index",
     "cached_embedder",
     "calibration_for",
+    "chosen_moves",
     "describe_model",
     "describe_update",
     "describe_whitening",
@@ -85,6 +97,7 @@ __all__ = [
     "info_in",
     "model_choice",
     "model_loader",
+    "move_duplicates",
     "open_collection",
     "parse_params",
     "parse_size",
@@ -93,9 +106,12 @@ __all__ = [
     "search_in",
     "settings_for",
     "train",
+    "undo_moves",
     "update_indexes",
     "verify",
     "whitening_note",
     "with_descriptor",
+    "write_move_plan",
+    "write_duplicates_csv",
     "write_report",
 ]

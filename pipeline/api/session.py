@@ -18,6 +18,7 @@ import numpy as np
 
 from pipeline.api import checks, models, searching
 from pipeline.api.batcher import MicroBatcher
+from pipeline.api.dedup_cache import DuplicatesCache
 from pipeline.config import Settings
 from pipeline.embed.descriptor import SIZE_RANGE
 from pipeline.embed.interface import Embedder
@@ -57,6 +58,7 @@ class Session:
         self.embedder = MicroBatcher(embedder, max_batch=embedder.batch_size)
         self._browse: tuple[int, list[dict[str, Any]]] = (-1, [])
         self._browse_lock = threading.Lock()
+        self._duplicates = DuplicatesCache(coll)
 
     @property
     def catalog_path(self) -> Path:
@@ -133,3 +135,16 @@ class Session:
     def info(self) -> dict[str, Any]:
         """`cbir info` of the collection."""
         return checks.info_in(self.coll)
+
+    # --- duplicates: the review page -----------------------------------------------------
+
+    def duplicates(
+        self, include: Any, near: float | None, similar: float | None, index: str = indexes.EXACT
+    ) -> dict[str, Any]:
+        """The report of `cbir duplicates --json`, regrouped from pairs kept across calls
+        (a slider moved on the review page does not search the pairs again)."""
+        return self._duplicates.report(include, near, similar, index)
+
+    def forget_duplicates(self) -> None:
+        """Drop the kept pairs and reports: files were moved."""
+        self._duplicates.forget()

@@ -5,7 +5,9 @@
 - synth: synthetic vectors made from real features, for `bench scale`;
 - shards: a sharded on-disk build against a single-shot one;
 - distributed: the Ray engine against the local one, the driver's commits;
-- serve: requests/s, p50 and p99 of a real local web server.
+- serve: requests/s, p50 and p99 of a real local web server;
+- edits, duplicates, duplicates_scale: precision and recall of `cbir duplicates`
+  on edited copies made with Pillow, and its time at up to a million vectors.
 
 May import web, api and every layer below them; only cli may import it.
 """

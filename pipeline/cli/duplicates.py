@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import json
 import sys
 from typing import Any
@@ -10,12 +9,10 @@ from typing import Any
 import click
 
 from pipeline import api
+from pipeline.cli.moving import act, move_options
 from pipeline.cli.options import CommaList, common_options, typed
+from pipeline.errors import CbirError
 from pipeline.specs import OPTIONS
-
-CSV_COLUMNS = (
-    "group", "kind", "keeper", "id", "score", "width", "height", "size", "date", "path",
-)  # fmt: skip
 
 
 def _size(n: int | None) -> str:
@@ -56,18 +53,6 @@ def print_table(report: dict[str, Any]) -> None:
     )
 
 
-def write_csv(report: dict[str, Any], out) -> None:
-    w = csv.writer(out, lineterminator="\n")
-    w.writerow(CSV_COLUMNS)
-    for g in report["groups"]:
-        for im in g["images"]:
-            w.writerow(
-                [g["group"], g["kind"], int(im["keeper"]), im["id"], f"{im['score']:.6f}"]
-                + [im[k] if im[k] is not None else "" for k in ("width", "height", "size", "date")]
-                + [im["path"]]
-            )
-
-
 @click.command("duplicates")
 @click.option(
     "--include",
@@ -94,17 +79,19 @@ def write_csv(report: dict[str, Any], out) -> None:
 @click.option(
     "--index",
     default=None,
-    help="'exact' (default) or an IVF index to find pairs with (its pair recall is printed).",
+    help="'exact' (default; not the config's search index) or the name of a built IVF or HNSW "
+    "index to find pairs with (its pair recall is measured and printed).",
 )
 @click.option("--json", "as_json", is_flag=True, help="The whole report as one JSON object.")
 @click.option("--csv", "as_csv", is_flag=True, help="One CSV row per image of each group.")
+@move_options
 @common_options
 def duplicates_cmd(as_json: bool, as_csv: bool, **options: Any) -> None:
     """Groups of duplicate images (no model runs): same bytes, near-identical, similar shots."""
     from tqdm import tqdm
 
     if as_json and as_csv:
-        raise click.UsageError("give --json or --csv, not both")
+        raise CbirError("give --json or --csv, not both")
     bar: list[tqdm] = []
 
     def on_total(n: int) -> None:
@@ -114,6 +101,8 @@ def duplicates_cmd(as_json: bool, as_csv: bool, **options: Any) -> None:
         bar[0].update(n)
 
     try:
+        if act(as_json, as_csv, options, progress=progress, on_total=on_total):
+            return  # --move-to, --undo or --plan (pipeline/cli/moving.py)
         report = api.duplicates_report(progress=progress, on_total=on_total, **options)
     finally:
         for b in bar:
@@ -121,6 +110,6 @@ def duplicates_cmd(as_json: bool, as_csv: bool, **options: Any) -> None:
     if as_json:
         click.echo(json.dumps(report))
     elif as_csv:
-        write_csv(report, sys.stdout)
+        api.write_duplicates_csv(report, sys.stdout)
     else:
         print_table(report)

@@ -12,13 +12,14 @@ import sys
 import click
 
 from pipeline import errors
+from pipeline.cli.benching import bench_group
 from pipeline.cli.checking import info_cmd, verify_cmd
 from pipeline.cli.duplicates import duplicates_cmd
 from pipeline.cli.experiments import evaluate_cmd, train_cmd
 from pipeline.cli.indexing import build_index_cmd, index_cmd
 from pipeline.cli.options import OneLineGroup
 from pipeline.cli.querying import search_cmd
-from pipeline.cli.serving import bench_group, serve_cmd
+from pipeline.cli.serving import serve_cmd
 
 
 @click.group("cbir", cls=OneLineGroup, context_settings={"help_option_names": ["-h", "--help"]})

@@ -1,100 +1,17 @@
-"""The commands around a collection rather than on it: `cbir serve` and the benchmarks."""
+"""`cbir serve`: the web page and JSON API over a collection, on waitress."""
 
 from __future__ import annotations
-
-import json
-import sys
 
 import click
 
 from pipeline import api
 from pipeline.cli.options import (
-    CommaList,
-    CountRange,
-    FiniteFloatRange,
     WritablePath,
     common_options,
     runtime_options,
     typed,
 )
-from pipeline.errors import CbirError
 from pipeline.specs import OPTIONS, SPEC
-
-
-@click.group("bench")
-def bench_group() -> None:
-    """Benchmarks that print figures."""
-
-
-@bench_group.command("extract")
-@click.argument("folder")
-@click.option(
-    "--limit", type=typed(OPTIONS["limit"]), default=None, help="Use at most this many images."
-)
-@click.option("--workers", type=typed(SPEC["workers"]), default=None)
-@click.option("--batch-size", "batch_size", type=typed(SPEC["batch_size"]), default=None)
-@click.option(
-    "--repeats",
-    type=typed(OPTIONS["repeats"]),
-    default=1,
-    help="Repeat both measurements; medians are printed.",
-)
-@runtime_options
-@common_options
-def bench_extract_cmd(folder: str, limit: int | None, repeats: int, **options) -> None:
-    """End-to-end indexing images/s versus the model alone, and their ratio."""
-    from pipeline.bench.extract import bench_extract
-
-    settings = api.settings_for(**options)
-    result = bench_extract(folder, settings, limit=limit, repeats=repeats)
-    for line in result["lines"]:
-        click.echo(line)
-
-
-@bench_group.command("scale")
-@click.option(
-    "--sizes",
-    type=CommaList(CountRange(OPTIONS["bench_size"].lo, OPTIONS["bench_size"].hi)),
-    default="1e3,1e4,1e5",
-    show_default=True,
-    help="Collection sizes, comma-separated (1e6 needs ~25 GB of disk and ~10 min).",
-)
-@click.option(
-    "--indexes",
-    "kinds",
-    type=CommaList(typed(OPTIONS["bench_kinds"])),
-    default="flat,hnsw,ivf,ivfpq",
-    show_default=True,
-    help="Index kinds: flat, hnsw, ivf, ivfpq (HNSW is skipped above 100,000).",
-)
-@click.option(
-    "--queries", "n_queries", type=typed(OPTIONS["queries"]), default=100, show_default=True
-)
-@click.option(
-    "--out",
-    "out_dir",
-    default="bench-out",
-    show_default=True,
-    type=WritablePath(folder=True),
-    help="Where scale.csv and the plots go.",
-)
-@common_options
-def bench_scale_cmd(
-    sizes: list[int], kinds: list[str], n_queries: int, out_dir: str, **options
-) -> None:
-    """Build time, bytes/vector, single and batch QPS, recall@10 per index and size.
-
-    Vectors are generated from the catalog's real features (see pipeline/synth.py).
-    """
-    from pipeline.bench.extract import bench_scale
-
-    coll = api.open_collection(api.settings_for(**options))
-    ids = coll.indexed_ids()
-    if len(ids) < 50:
-        raise CbirError("bench scale needs a catalog with at least 50 indexed images to imitate")
-    real = coll.vectors(ids)
-    rows = bench_scale(real, sizes, kinds, out_dir, n_queries=n_queries, log=click.echo)
-    click.echo(f"{len(rows)} rows -> {out_dir}/scale.csv, plots {out_dir}/recall-qps-SIZE.png")
 
 
 @click.command("serve")
@@ -150,6 +67,16 @@ def bench_scale_cmd(
 )
 @click.option("--index", default=None, help="Default index: 'exact' or a built one.")
 @click.option("--rerank", default=None, help="Default re-ranking: 'dba', 'aqe' or 'dba+aqe'.")
+@click.option(
+    "--allow-moves",
+    "allow_moves",
+    default=None,
+    metavar="DIR",
+    type=WritablePath(folder=True),
+    help="Let the review page of duplicates (/duplicates) move the images chosen there into "
+    "DIR, as `cbir duplicates --move-to DIR` does; needs a token. Without it the server "
+    "never moves a file.",
+)
 @runtime_options
 @common_options
 def serve_cmd(
@@ -160,21 +87,25 @@ def serve_cmd(
     no_auth: bool,
     thumbs_dir,
     max_upload_mb: float,
+    allow_moves: str | None,
     **options,
 ) -> None:
     """A web page and JSON API over the catalog, on waitress (binds 127.0.0.1 by default).
 
     Pages and `POST /api/search` take k, index, rerank and relevance feedback
     (relevant / not_relevant ids); answers have the shape of `cbir search --json`.
+    /duplicates reviews the groups of `cbir duplicates` (JSON: `GET /api/duplicates`)
+    and exports the chosen moves as CSV.
     """
     from pipeline.web import server as serve
 
-    token = serve.required_token(host, token, no_auth)  # before minutes of loading
+    token = serve.required_token(host, token, no_auth, allow_moves is not None)  # before loading
     app = serve.open_app(
         api.settings_for(**options),
         thumbs_dir=thumbs_dir,
         max_upload=int(max_upload_mb * 1024 * 1024),
         token=token,
+        moves_to=allow_moves,
     )
     server = serve.make_server(app, host, port, threads)
     for url in serve.urls(server):
@@ -184,163 +115,3 @@ def serve_cmd(
             "cbir: warning: no token (--no-auth): anyone who can reach it can search", err=True
         )
     serve.run(server)
-
-
-@bench_group.command("serve")
-@click.argument("images", nargs=-1, required=False)
-@click.option(
-    "--concurrency",
-    type=click.IntRange(1, 256),
-    default=16,
-    show_default=True,
-    help="Clients sending requests at once.",
-)
-@click.option(
-    "--seconds",
-    type=FiniteFloatRange(0, 3600, min_open=True),
-    default=None,
-    help="How long each measurement runs [default 10 unless --uploads is given].",
-)
-@click.option(
-    "--uploads",
-    type=typed(OPTIONS["uploads"]),
-    default=None,
-    help="Requests per measurement (with --seconds: whichever comes first).",
-)
-@click.option(
-    "--threads",
-    type=click.IntRange(1, 256),
-    default=8,
-    show_default=True,
-    help="Worker threads of the server.",
-)
-@common_options
-def bench_serve_cmd(
-    images, concurrency: int, seconds: float | None, uploads: int | None, threads: int, **options
-) -> None:
-    """Requests/s, p50 and p99 of uploads and of id searches through a local waitress server.
-
-    IMAGES (files or folders) are uploaded if catalogued; by default a sample of
-    the catalog. Each answer must find its image at rank 1. One JSON line per kind.
-    """
-    import glob
-
-    from pipeline.bench.serve import bench_serve
-
-    files = [f for p in images for f in (sorted(glob.glob(f"{p}/**/*.jpg", recursive=True)) or [p])]
-    if seconds is None and uploads is None:
-        seconds = 10.0
-    results = bench_serve(
-        api.settings_for(**options), files, concurrency, seconds, uploads, threads
-    )
-    for result in results:
-        click.echo(json.dumps(result))
-    if any(r.get("errors") or r.get("wrong") for r in results):
-        sys.exit(1)
-
-
-@bench_group.command("coldstart")
-@click.argument("image")
-@click.option("--runs", type=typed(OPTIONS["repeats"]), default=10, show_default=True)
-@runtime_options
-@common_options
-def bench_coldstart_cmd(image: str, runs: int, **options) -> None:
-    """Seconds and peak memory of `cbir search IMAGE` in a new process (median of RUNS)."""
-    from pipeline.bench.extract import bench_coldstart
-
-    bench_coldstart(api.settings_for(**options), image, runs, log=click.echo)
-
-
-@bench_group.command("distributed")
-@click.argument("folder")
-@click.option(
-    "--limit",
-    type=typed(OPTIONS["limit"]),
-    default=1000,
-    show_default=True,
-    help="Images for the engine comparison.",
-)
-@click.option(
-    "--repeats",
-    type=typed(OPTIONS["repeats"]),
-    default=1,
-    show_default=True,
-    help="Repeat each engine's runs; medians are printed.",
-)
-@click.option(
-    "--commit-vectors",
-    "commit_vectors",
-    type=CountRange(1000, 10**8),
-    default=50_000,
-    show_default=True,
-    help="Generated vectors for the driver's commit throughput.",
-)
-@click.option(
-    "--shard-vectors",
-    "shard_vectors",
-    type=CountRange(0, 10**9),
-    default=1_000_000,
-    show_default=True,
-    help="Vectors for the sharded vs single-shot index build (0: skip; 1e6 needs ~8 GB of disk).",
-)
-@click.option(
-    "--factory",
-    default="IVF1024,PQ64",
-    show_default=True,
-    help="IVF factory for the sharded build comparison (searched with nprobe 16, refine 40).",
-)
-@click.option(
-    "--shards", type=click.IntRange(2, 1024), default=4, show_default=True, help="Shards."
-)
-@click.option(
-    "--work-dir",
-    "work_dir",
-    type=WritablePath(folder=True),
-    default=None,
-    help="Where the generated vector file goes [default: a temporary folder].",
-)
-@click.option("--ray-address", "ray_address", default=None, help="Join this Ray cluster.")
-@runtime_options
-@common_options
-def bench_distributed_cmd(
-    folder: str,
-    limit: int,
-    repeats: int,
-    commit_vectors: int,
-    shard_vectors: int,
-    factory: str,
-    shards: int,
-    work_dir: str | None,
-    **options,
-) -> None:
-    """Ray against the local engine (images/s at equal CPUs), the driver's commit
-    throughput (vectors/s), and a sharded IVF build merged on disk against a
-    single-shot build (seconds, recall@10), in one run on this machine."""
-    import os
-    import tempfile
-
-    from pipeline import raycluster
-    from pipeline.bench import distributed as bench_distributed
-    from pipeline.bench import shards as bench_shards
-
-    raycluster.require()
-    settings = api.settings_for(**options)
-    click.echo("== 1. indexing: local engine against Ray Data actors")
-    bench_distributed.engines(folder, settings, limit, repeats, click.echo)
-    click.echo("== 2. the driver's commit throughput (generated vectors, vector file + catalog)")
-    bench_distributed.commit_throughput(commit_vectors, [64, 256, 1024], click.echo)
-    if shard_vectors:
-        click.echo(f"== 3. {factory}: {shards} shards merged on disk against one build")
-        # Generated from the catalog's real features when it has some (as bench scale does).
-        real = None
-        if os.path.exists(settings.catalog):
-            coll = api.open_collection(settings)
-            if len(ids := coll.indexed_ids()) >= 50:
-                real = coll.vectors(ids)
-        if work_dir:
-            os.makedirs(work_dir, exist_ok=True)
-        with tempfile.TemporaryDirectory(prefix="cbir-bench-", dir=work_dir) as tmp:
-            bench_shards.run(
-                shard_vectors, 2048, factory, shards, "ray", tmp, real=real, log=click.echo,
-                params={"nprobe": 16, "refine": 40}, address=settings.ray_address or None,
-            )  # fmt: skip

@@ -17,6 +17,7 @@ import numpy as np
 import sqlite_utils
 
 from pipeline.errors import CbirError
+from pipeline.store.schema import IMAGE_COLUMNS
 from pipeline.store.seals import (
     DamagedRow,
     bad_rows,
@@ -150,6 +151,12 @@ def details(db: sqlite_utils.Database, ids) -> dict[int, dict[str, Any]]:
     """What a person compares duplicates by: path, label, size, mtime, sha256, width and
     height of the given ids, checked (see `_by_ids`)."""
     return _by_ids(db, ids, "path, label, size, mtime, sha256, width, height")
+
+
+def image_rows(db: sqlite_utils.Database, ids) -> dict[int, dict[str, Any]]:
+    """Whole rows (every column of `schema.IMAGE_COLUMNS`) of the given ids, checked (see
+    `_by_ids`): what a duplicates move logs, so that its undo puts them back exactly."""
+    return _by_ids(db, ids, ", ".join(c for c in IMAGE_COLUMNS if c != "id"))
 
 
 def find_by_sha(db: sqlite_utils.Database, sha256: str) -> int | None:

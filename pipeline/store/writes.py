@@ -25,6 +25,7 @@ from typing import Any
 import sqlite_utils
 
 from pipeline import faults
+from pipeline.errors import CbirError
 from pipeline.store import reads
 from pipeline.store.schema import IMAGE_COLUMNS, INDEX_COLUMNS, KEY, crc_sql
 from pipeline.store.seals import (
@@ -128,17 +129,37 @@ def commit_batch(
     """In one transaction: drop replaced rows, insert new ones, advance next_id."""
     with transaction(db):
         _delete(db, replaced_ids)
-        if new_rows:
-            write_many(
-                db,
-                f"insert into images ({', '.join(IMAGE_COLUMNS)}) "
-                f"values ({', '.join('?' * len(IMAGE_COLUMNS))})",
-                [tuple(r.get(c) for c in IMAGE_COLUMNS) for r in new_rows],
-            )
-            _seal(db, "images", [r["id"] for r in new_rows])
+        _insert(db, new_rows)
         set_meta(db, "next_id", next_row)
         if replaced_ids or any(r["status"] == "indexed" for r in new_rows):
             _bump_generation(db)
+
+
+def _insert(db: sqlite_utils.Database, rows: list[dict[str, Any]]) -> None:
+    """Insert images rows, sealed (inside the caller's transaction)."""
+    if not rows:
+        return
+    write_many(
+        db,
+        f"insert into images ({', '.join(IMAGE_COLUMNS)}) "
+        f"values ({', '.join('?' * len(IMAGE_COLUMNS))})",
+        [tuple(r.get(c) for c in IMAGE_COLUMNS) for r in rows],
+    )
+    _seal(db, "images", [r["id"] for r in rows])
+
+
+def restore_rows(db: sqlite_utils.Database, rows: list[dict[str, Any]]) -> None:
+    """Put back images rows that a duplicates move took out (its undo), each with its own
+    id and every value it had, sealed anew, in one transaction. Only committed ids that
+    no row holds: an id is never given to another image, so it can only come back."""
+    if not rows:
+        return
+    committed = reads.next_id(db)
+    if bad := [r["id"] for r in rows if not 0 <= int(r["id"]) < committed]:
+        raise CbirError(f"cannot restore catalog rows of ids {bad[:5]}: never committed", 1)
+    with transaction(db):
+        _insert(db, rows)
+        _bump_generation(db)
 
 
 def _delete(db: sqlite_utils.Database, ids: list[int]) -> None:

@@ -10,6 +10,7 @@ contract "front-ends"); only bench and cli may import it.
 - app.py: the Flask app and its routes (pages, thumbnails, JSON API);
 - service.py: what routes share: the API's session, decode slots, thumbnails;
 - params.py: a request's search options (k, index, re-ranking, feedback);
+- dedup_routes.py, dedup_params.py: the review page of duplicates and its options;
 - carry.py: an uploaded query carried across a relevance-feedback round;
 - auth.py: the token (bearer header or login cookie);
 - failures.py: HTTP status by kind of error;

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from flask import Flask, Response, jsonify, render_template, request, send_file
+from markupsafe import Markup
 from werkzeug.exceptions import HTTPException
 from werkzeug.routing import IntegerConverter
 
@@ -20,7 +21,7 @@ from pipeline import api, files
 from pipeline.api.session import Session
 from pipeline.config import Settings
 from pipeline.errors import NotFoundError
-from pipeline.web import auth, carry, params
+from pipeline.web import auth, carry, dedup_routes, params
 from pipeline.web.carry import CarriedQuery
 from pipeline.web.failures import BadRequest, status_and_message
 from pipeline.web.params import MAX_K, SearchParams
@@ -41,6 +42,8 @@ class IdConverter(IntegerConverter):
 
 
 def _printable(value: Any) -> Any:
+    if isinstance(value, Markup):  # `|tojson`: already safe, and stays so (not escaped again)
+        return Markup(files.shown(value))
     return files.shown(value) if isinstance(value, str) else value
 
 
@@ -53,6 +56,7 @@ def create_app(
     pixel_budget: int = PIXEL_BUDGET,
     decode_slots: int | None = None,
     busy_wait_s: float = BUSY_WAIT_S,
+    moves_to: str | Path | None = None,
 ) -> Flask:
     """The web app over a session: an open collection and its loaded model (api.session).
 
@@ -62,7 +66,11 @@ def create_app(
     decoded and embedded at once, holding at most `pixel_budget` decoded
     pixels; a request waits up to `busy_wait_s` for its turn, then gets a 503.
     The model is warmed up and the default index loaded before this returns.
+    Files are moved (the review page of duplicates) only with `moves_to`, a folder,
+    and then only for requests that carry the token (so it needs one).
     """
+    if moves_to is not None and not token:
+        raise ValueError("moving files from the web needs a token")
     slots = DecodeSlots(decode_slots or cores(), pixel_budget, busy_wait_s)
     service = Service(session, settings, slots, thumbs_dir)
     service.warm_up()
@@ -78,6 +86,7 @@ def create_app(
     auth.install(app, auth.TokenAuth(token) if token else None)
     _pages(app, service, max_upload)
     _api(app, service)
+    dedup_routes.install(app, service, Path(moves_to).absolute() if moves_to else None)
     return app
 
 

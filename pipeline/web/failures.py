@@ -1,8 +1,8 @@
 """HTTP status by kind of error, each with a one-line message.
 
-400 bad input, 401 no token, 404 unknown id, 409 stale index, 413 too large
-(werkzeug's), 503 busy or not ready, 500 an integrity failure or a bug (whose
-traceback goes to the log, never to the client).
+400 bad input, 401 no token, 403 not allowed by this server, 404 unknown id, 409 stale
+index, 413 too large (werkzeug's), 503 busy or not ready, 500 an integrity failure or a
+bug (whose traceback goes to the log, never to the client).
 """
 
 from __future__ import annotations
@@ -28,12 +28,18 @@ class Unauthorized(Exception):
     """No valid token: HTTP 401."""
 
 
+class Forbidden(Exception):
+    """Something this server was not started to do (moving files): HTTP 403."""
+
+
 def status_and_message(e: Exception) -> tuple[int, str]:
     """HTTP status and one-line message for an error raised while serving."""
     if isinstance(e, BadRequest):
         return 400, str(e)
     if isinstance(e, Unauthorized):
         return 401, str(e)
+    if isinstance(e, Forbidden):
+        return 403, str(e)
     if isinstance(e, Busy):
         return 503, str(e)
     if isinstance(e, CatalogNotReady):  # before CbirError: it is one

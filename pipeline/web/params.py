@@ -70,7 +70,7 @@ class SearchParams:
 _INTEGER = re.compile(r"[0-9]{1,20}")
 
 
-def _integer(value: Any) -> Any:
+def integer(value: Any) -> Any:
     """A string of ASCII digits (spaces around allowed) as its int; anything else as it is,
     for the caller's check to refuse in one line."""
     if isinstance(value, str) and _INTEGER.fullmatch(value.strip()):
@@ -79,7 +79,7 @@ def _integer(value: Any) -> Any:
 
 
 def _k(value: Any) -> int:
-    value = _integer(value)
+    value = integer(value)
     if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= MAX_K:
         raise BadRequest(f"k must be an integer from 1 to {MAX_K}")
     return value
@@ -94,20 +94,20 @@ def _rerank(value: Any) -> str:
 
 
 def _shortlist(value: Any) -> int:
-    return specs.check("shortlist", _integer(value))
+    return specs.check("shortlist", integer(value))
 
 
-def _ids(name: str, values: list[Any]) -> tuple[int, ...]:
-    """Catalog ids from a JSON list or form values (each may be 'a,b,c')."""
+def catalog_ids(name: str, values: list[Any], limit: int = MAX_FEEDBACK) -> tuple[int, ...]:
+    """Catalog ids from a JSON list or form values (each may be 'a,b,c'), at most `limit`."""
     ids: list[int] = []
     for v in values:
         parts = v.replace(",", " ").split() if isinstance(v, str) else [v]
-        for p in map(_integer, parts):
+        for p in map(integer, parts):
             if not isinstance(p, int) or isinstance(p, bool) or not 0 <= p <= specs.ID.hi:
                 raise BadRequest(f"{name} must be a list of catalog ids")
             ids.append(p)
-    if len(ids) > MAX_FEEDBACK:
-        raise BadRequest(f"{name} names more than {MAX_FEEDBACK} ids")
+    if len(ids) > limit:
+        raise BadRequest(f"{name} names more than {limit} ids")
     return tuple(dict.fromkeys(ids))  # once each, in the order marked
 
 
@@ -132,8 +132,8 @@ def from_form(form: Mapping[str, Any]) -> SearchParams:
         rotations=specs.check("rotations", given("rotations"))
         if given("rotations") is not None
         else None,
-        relevant=_ids("relevant", form.getlist("relevant")),
-        not_relevant=_ids("not_relevant", form.getlist("not_relevant")),
+        relevant=catalog_ids("relevant", form.getlist("relevant")),
+        not_relevant=catalog_ids("not_relevant", form.getlist("not_relevant")),
     )
     _checked_feedback(params.relevant, params.not_relevant)
     return params
@@ -154,7 +154,7 @@ def from_json(body: Any) -> tuple[int, SearchParams]:
         value = body.get(key, [])
         if not isinstance(value, list):
             raise BadRequest(f"{key} must be a list of catalog ids")
-        return _ids(key, value)
+        return catalog_ids(key, value)
 
     allow_stale = body.get("allow_stale", False)
     if not isinstance(allow_stale, bool):

@@ -2,7 +2,8 @@
 
 The collection is opened and the model loaded once (a batch of 1), warmed
 up, then shared by `threads` worker threads. Bound to anything but a
-loopback address, the server requires a token unless told `--no-auth`.
+loopback address, the server requires a token unless told `--no-auth`; it moves
+files (the review page of duplicates) only with `--allow-moves DIR`, and a token.
 """
 
 from __future__ import annotations
@@ -26,8 +27,12 @@ from pipeline.web.auth import is_loopback
 DEFAULT_THREADS = 8
 
 
-def required_token(host: str, token: str | None, no_auth: bool) -> str | None:
-    """The token requests must carry, or None; refuses to expose a collection unguarded."""
+def required_token(
+    host: str, token: str | None, no_auth: bool, allow_moves: bool = False
+) -> str | None:
+    """The token requests must carry, or None; refuses to expose a collection unguarded,
+    and to move files (`--allow-moves`) for anyone without one: on a loopback address
+    with no token, any page in a browser on this machine could post to the server."""
     if token is not None and (not token or any(c.isspace() or not c.isprintable() for c in token)):
         raise CbirError("the token must be printable text without spaces (--token or CBIR_TOKEN)")
     if token and no_auth:
@@ -36,6 +41,11 @@ def required_token(host: str, token: str | None, no_auth: bool) -> str | None:
         raise CbirError(
             f"--host {host} serves other machines: give --token TOKEN (or set CBIR_TOKEN), "
             "or --no-auth to serve without one"
+        )
+    if allow_moves and not token:
+        raise CbirError(
+            "--allow-moves needs a token (--token or CBIR_TOKEN): only requests carrying it "
+            "may move files"
         )
     return token or None
 

@@ -11,14 +11,18 @@ hang, or "a bug". `verify` must exit non-zero on every damaged file it checks.
 Two more outcomes pass, each where the project's rules allow it:
 
 - **A damaged vector row is treated as missing by searches** (issue 17, item 2:
-  the `vectors` cells of every search, re-ranking, feedback and web command):
+  the `vectors` cells of every search, re-ranking, feedback, web and
+  `duplicates` command):
   exit 0 with exactly one line on stderr that mentions `verify --repair`, and
   the answer the undamaged collection gives without the damaged ids (those
   whose row no longer matches its recorded CRC-32). That reference is the
   undamaged command asked for k + (number of damaged ids) results, the damaged
   ids removed, cut to k, same order and scores; for re-ranking and feedback,
   whose shortlist and neighbours a missing row changes, it is the command run
-  on a damaged copy that `cbir verify --repair` repaired. (`evaluate` gets no
+  on a damaged copy that `cbir verify --repair` repaired; for `duplicates`,
+  whose groups any row can change, it is the command run on the undamaged
+  collection with the damaged ids left out of the ids it may use (`without_ids`;
+  a repaired copy would leave its IVF index stale). (`evaluate` gets no
   such pass: a figure over fewer images is a wrong answer, so it refuses.)
 - **User-written input files** (config, label, manifest and ground-truth
   CSVs) carry no checksum: damage that leaves a valid file of its kind cannot
@@ -47,7 +51,7 @@ files (a user's text file has no checksum, so only damage that leaves it
 invalid can be noticed at all). Truncation keeps the first half of any file.
 
 The fast tier (`-m 'not slow'`) runs every (file kind, command) pair once, the
-damage rotating so that every kind meets every damage (105 of the cells); the
+damage rotating so that every kind meets every damage (112 of the cells); the
 whole matrix runs in the full suite, as in CI.
 
 Set CBIR_MATRIX_LOG=FILE to append every cell's outcome as a JSON line.
@@ -88,7 +92,12 @@ SEARCHES = ("search-id", "search-image", *(f"search-{n}" for n in APPROX), "rera
 EVALS = ("eval-loo", "eval-gt", "eval-queries")
 BUILDS = tuple(f"build-{n}" for n in APPROX)
 WEB = ("web-exact", *(f"web-{n}" for n in APPROX))
-EVERY = (*SEARCHES, *EVALS, *BUILDS, "index", "index-manifest", "verify", *WEB)
+# `cbir duplicates --json` by exact range search over the vector file, and with an IVF index.
+DUPLICATES = ("duplicates", "duplicates-ivf")
+# Thresholds that cut the 4 colour classes (fake model) into groups of a few images,
+# the query among them (defaults are measured on the real model and would join classes).
+DUP_THRESHOLDS = ("--near", "0.99", "--similar", "0.97")
+EVERY = (*SEARCHES, *EVALS, *BUILDS, "index", "index-manifest", "verify", *WEB, *DUPLICATES)
 
 # Which commands read each file kind (the others are meaningless cells: NOT_READ).
 EXACT_READERS = (
@@ -101,6 +110,7 @@ READERS: dict[str, tuple[str, ...]] = {
     "exact": EXACT_READERS,
     **{
         kind: (f"search-{n}", f"build-{n}", "verify", f"web-{n}")
+        + (("duplicates-ivf",) if n == "ivf" else ())
         for kind, n in (
             ("ivf", "ivf"),
             ("hnsw", "hnsw"),
@@ -120,7 +130,7 @@ READERS: dict[str, tuple[str, ...]] = {
 NOT_READ = {kind: tuple(c for c in EVERY if c not in cmds) for kind, cmds in READERS.items()}
 # Commands that may answer without a damaged vector row (with one notice), and those of
 # them whose reference is a repaired copy (their shortlist re-ranking depends on every row).
-ABSENT_OK = (*SEARCHES, *WEB)
+ABSENT_OK = (*SEARCHES, *WEB, *DUPLICATES)
 REPAIRED_REFERENCE = ("rerank", "feedback")
 USER_FILES = ("config", "labels", "manifest", "groundtruth")
 CELLS = [(k, d, c) for k in READERS for d in DAMAGES for c in READERS[k]]
@@ -511,10 +521,16 @@ def run_command(w: dict[str, Any], command: str, k: int | None = None) -> dict[s
         return r
     elif command == "verify":
         return _cli(w, "verify")
+    elif command in DUPLICATES:
+        index = ["--index", "ivf"] if command == "duplicates-ivf" else []
+        r = _cli(
+            w, "duplicates", "--include", "exact,near,similar", *DUP_THRESHOLDS, *index, "--json"
+        )
     else:
         raise ValueError(command)
     if r["exit"] == 0:
-        r["answer"] = json.loads(r["out"]) if command.startswith("eval") else _results(r["out"])
+        whole = command.startswith("eval") or command in DUPLICATES
+        r["answer"] = json.loads(r["out"]) if whole else _results(r["out"])
     return r
 
 
@@ -635,6 +651,13 @@ def answer_without(w: dict[str, Any], reference, command: str, bad: list[int], r
     """The undamaged answer of a search as if the ids `bad` were not indexed (docstring).
 
     `redo()` damages the live folder again, for the repaired-copy reference."""
+    if command in DUPLICATES:
+        restore(w)
+        value, code, timed_out = fakes.in_fresh_process(
+            without_ids, w, command, bad, timeout=90, preload=(__name__,)
+        )
+        assert value and value[0] == "ok" and value[1]["exit"] == 0, (command, code, value)
+        return value[1]["answer"]
     if command in REPAIRED_REFERENCE:
         restore(w)
         redo()
@@ -648,12 +671,35 @@ def answer_without(w: dict[str, Any], reference, command: str, bad: list[int], r
     return [[r for r in answer if r[0] not in bad][:K] for answer in deeper]
 
 
+def without_ids(w: dict[str, Any], command: str, bad: list[int]) -> dict[str, Any]:
+    """run_command on the undamaged collection as if the ids `bad` were not indexed (their
+    rows left out of what a full scan may use): the reference of `duplicates`, whose
+    groups any row can change. Run in a fresh process (the patch dies with it)."""
+    from pipeline.store.collection import Collection
+
+    usable = Collection.usable_ids
+    Collection.usable_ids = lambda self: np.setdiff1d(usable(self), bad)  # type: ignore[method-assign]
+    return run_command(w, command)
+
+
 def test_config_half_cut_lands_inside_a_key():
     """The truncation cell of the config means damage, not a shorter valid file."""
     import tomllib
 
     with pytest.raises(tomllib.TOMLDecodeError):
         tomllib.loads(CONFIG[: len(CONFIG.encode()) // 2])
+
+
+@pytest.mark.parametrize("command", DUPLICATES)
+def test_duplicates_reference_groups_the_query(world, reference, command):
+    """The damaged-row cells of `duplicates` mean something: undamaged, the query (whose
+    row they damage) is in a group, and there are groups of more than one kind."""
+    answer = reference(command)["answer"]
+    grouped = [im["id"] for g in answer["groups"] for im in g["images"]]
+    assert world["q"] in grouped and len(grouped) > 4, answer["groups"]
+    assert {g["kind"] for g in answer["groups"]} >= {"near", "similar"}
+    if command == "duplicates-ivf":
+        assert answer["index"] == "ivf" and answer["pair_recall"] is not None
 
 
 @pytest.mark.parametrize("kind,how,command", PARAMS)

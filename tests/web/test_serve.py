@@ -714,3 +714,132 @@ def test_browser_end_to_end(live_server, browser, corel_collection, tmp_path):
     ids = mark_and_search_again(browser, relevant=[0, 1], not_relevant=[9])
     assert ids[0] == str(own["id"])  # the carried query is the same image
     print(f"screenshots in {artifacts}")
+
+
+# ---- the review page of duplicates (pipeline/web/dedup_routes.py) in the browser ------------------
+
+
+def edited_copies(rows: list[dict], folder: Path) -> None:
+    """Copies of Corel images a person would have: the same bytes, half the size, a JPEG
+    of quality 30 and a brighter one, a crop of 8% off two sides."""
+    import shutil
+
+    from PIL import Image, ImageEnhance
+
+    from conftest import COREL
+
+    folder.mkdir(parents=True)
+    for n, r in enumerate(rows):
+        src = COREL / r["path"]
+        stem, im = f"{r['label']}_{src.stem}", Image.open(COREL / r["path"]).convert("RGB")
+        w, h = im.size
+        if n % 4 == 0:
+            shutil.copy(src, folder / f"{stem}_copy.jpg")
+        elif n % 4 == 1:
+            im.resize((w // 2, h // 2), Image.Resampling.LANCZOS).save(folder / f"{stem}_half.jpg")
+        elif n % 4 == 2:
+            im.save(folder / f"{stem}_q30.jpg", quality=30)
+            ImageEnhance.Brightness(im).enhance(1.2).save(folder / f"{stem}_bright.jpg", quality=90)
+        else:
+            im.crop((w * 8 // 100, h * 8 // 100, w, h)).save(
+                folder / f"{stem}_crop.jpg", quality=90
+            )
+
+
+@pytest.fixture
+def duplicates_server(corel_collection, corel_db_rows, tmp_path):
+    """`cbir serve` over a copy of the Corel collection with edited copies of 8 of its
+    images (one per class) indexed into it with the real model."""
+    import pipeline
+    from conftest import copy_collection
+
+    coll = tmp_path / "coll"
+    options = copy_collection(corel_collection, coll)
+    edited_copies(corel_db_rows[::20][:8], coll / "edited")
+    keys = ("catalog", "index_dir", "weights", "runtime", "input", "pooling")
+    pipeline.index([coll / "edited"], **{k: options[k] for k in keys})
+    cbir = [str(Path(sys.executable).with_name("cbir"))]
+    with fakes.served(coll, tmp_path / "serve.log", cbir=cbir, timeout=300) as url:
+        yield url
+
+
+def regrouped_at(browser, near: str) -> dict:
+    """Move the near-identical slider with the keyboard (Home, then steps of 0.005 to the
+    right, as a person would), wait for the page to regroup; what it shows."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    slider = browser.find_element(By.ID, "near")
+    low, step = float(slider.get_attribute("min")), float(slider.get_attribute("step"))
+    slider.send_keys(Keys.HOME + Keys.RIGHT * round((float(near) - low) / step))
+    assert browser.find_element(By.ID, "near-value").text == f"{float(near):.3f}"
+    done = (
+        f"return location.search.includes('near={near}&')"
+        " && document.getElementById('dup-status').textContent.startsWith('regrouped')"
+    )
+    WebDriverWait(browser, 60).until(lambda b: b.execute_script(done))
+    return browser.execute_script(
+        "return {summary: document.getElementById('dup-summary').textContent,"
+        " groups: [...document.querySelectorAll('#groups .group')].map(g =>"
+        " [...g.querySelectorAll('figure')].map(f => Number(f.dataset.id)))}"
+    )
+
+
+@pytest.mark.slow
+def test_browser_duplicates(duplicates_server, browser, tmp_path):
+    """The review page: groups load, the slider regroups, select all / none, the CSV export."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    artifacts = Path(os.environ.get("CBIR_TEST_ARTIFACTS", tmp_path / "artifacts"))
+    artifacts.mkdir(parents=True, exist_ok=True)
+    downloads = tmp_path / "downloads"
+    browser.execute_cdp_cmd(
+        "Page.setDownloadBehavior", {"behavior": "allow", "downloadPath": str(downloads)}
+    )
+    browser.get(duplicates_server + "/")
+    browser.find_element(By.ID, "nav-duplicates").click()  # linked from the header
+    tight = regrouped_at(browser, "0.99")
+    loose = regrouped_at(browser, "0.85")
+    grouped = lambda shown: {i for g in shown["groups"] for i in g}  # noqa: E731
+    assert tight["summary"] != loose["summary"] and len(grouped(loose)) > len(grouped(tight))
+    assert len(grouped(tight)) >= 2  # the copy with the same bytes, at least
+    shown = regrouped_at(browser, "0.9")
+    assert len(shown["groups"]) >= 4, shown  # every edit but the crop, at least
+    wait_for_images(browser, "#groups img", n=sum(map(len, shown["groups"])))
+
+    boxes = lambda: browser.find_elements(By.CSS_SELECTOR, "#groups .move-box")  # noqa: E731
+    keepers = {int(f.get_attribute("data-id")) for f in browser.find_elements(By.CSS_SELECTOR, "#groups figure.keeper")}  # fmt: skip
+    assert len(keepers) == len(shown["groups"])  # one suggested keeper per group
+    browser.find_element(By.ID, "select-none").click()
+    assert not any(b.is_selected() for b in boxes())
+    browser.find_element(By.ID, "select-page").click()
+    ticked = {int(b.get_attribute("value")) for b in boxes() if b.is_selected()}
+    assert ticked == grouped(shown) - keepers  # all but each keeper
+    # Keep one more copy; move one keeper: its group is marked as losing every copy.
+    first, last = shown["groups"][0], shown["groups"][-1]
+    kept = next(i for i in first if i not in keepers)
+    browser.find_element(By.CSS_SELECTOR, f'figure[data-id="{kept}"] .move-box').click()
+    moved = next(i for i in last if i in keepers)
+    browser.find_element(By.CSS_SELECTOR, f'figure[data-id="{moved}"] .move-box').click()
+    section = browser.find_element(By.CSS_SELECTOR, f'figure[data-id="{moved}"]')
+    section = section.find_element(By.XPATH, "./ancestor::section")
+    assert section.find_element(By.CLASS_NAME, "warn").is_displayed()  # nothing of it stays
+    assert "1 copy kept, 1 keeper moved" in browser.find_element(By.ID, "choice-summary").text
+    browser.set_window_size(1280, 2000)  # most of the page: the changed groups too
+    browser.execute_script("window.scrollTo(0, 0)")
+    browser.save_screenshot(str(artifacts / "duplicates.png"))
+
+    browser.find_element(By.ID, "export").click()
+    csv_file = downloads / "duplicates-moves.csv"
+    WebDriverWait(browser, 30).until(lambda b: csv_file.exists() and csv_file.stat().st_size)
+    import csv
+
+    with csv_file.open(newline="") as f:
+        exported = list(csv.DictReader(f))
+    assert list(exported[0]) == ["group", "kind", "keeper", "id", "score", "width", "height", "size", "date", "path"]  # fmt: skip
+    assert {int(r["id"]) for r in exported} == (ticked - {kept}) | {moved}
+    errors = [e for e in browser.get_log("browser") if e["level"] == "SEVERE"]
+    assert not [e for e in errors if "favicon.ico" not in e["message"]], errors  # no script error
+    print(f"screenshot in {artifacts / 'duplicates.png'}")
