@@ -144,13 +144,15 @@ def pairs_in(
     if not hasattr(faiss_index, "range_search") or type(faiss_index).__name__ in (
         "IndexPreTransform",
     ):
-        raise CbirError(f"index {index!r} cannot range-search; use --index exact or an IVF index")
+        raise CbirError(
+            f"index {index!r} cannot range-search; use --index exact, or an IVF or HNSW index"
+        )
     try:
         pairs = dups.index_pairs(faiss_index, coll.vectors, ids, low, progress)
     except RuntimeError as e:
         raise CbirError(
             f"index {index!r} cannot range-search ({str(e).splitlines()[0][:120]}); "
-            "use --index exact or an IVF index"
+            "use --index exact, or an IVF or HNSW index"
         ) from None
     sample, reference = _sample_pairs(coll, ids, low)
     return pairs, dups.pair_recall(pairs, reference, sample)
