@@ -20,9 +20,17 @@ from dataclasses import dataclass
 from typing import BinaryIO
 
 import numpy as np
+import pillow_heif
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from pipeline import files
+
+# HEIC/HEIF (phone photos) through pillow-heif, a registered Pillow plugin, so the
+# header check, the limits and every error path below apply as for JPEG; it applies
+# the container's rotation itself (and clears the EXIF orientation, so it is not
+# turned twice). AVIF is Pillow's own (11.3+). Registered on import: every module
+# that opens an image imports this one.
+pillow_heif.register_heif_opener()
 
 SIZE = 224
 PREPROCESSING = "exif-transpose,rgb-on-white,shorter-side-224-bilinear,center-crop-224"

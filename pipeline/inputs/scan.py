@@ -19,6 +19,7 @@ log = logging.getLogger("cbir")
 
 IMAGE_EXTENSIONS = frozenset(
     {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm"}
+    | {".heic", ".heif", ".hif", ".avif"}  # phone photos (pillow-heif; AVIF: Pillow)
 )
 
 

@@ -186,6 +186,22 @@ def test_upload_search(client, collection, fake_model):
     assert got["results"] == expected["results"]
 
 
+@pytest.mark.parametrize("fmt", ["HEIF", "AVIF"])
+def test_upload_of_a_phone_photo(client, collection, fake_model, fmt):
+    """A HEIC or AVIF upload (as a phone sends it) is searched like the JPEG it was made from."""
+    import pillow_heif
+    from PIL import Image
+
+    pillow_heif.register_heif_opener()
+    r0 = row(collection, 25)
+    buf = io.BytesIO()
+    Image.open(r0["path"]).save(buf, format=fmt, quality=95)
+    r = client.post("/api/search", data=upload(buf.getvalue(), f"IMG_0001.{fmt.lower()}"))
+    assert r.status_code == 200, r.get_json()
+    top = r.get_json()["results"][0]
+    assert top["id"] == r0["id"] and top["score"] > 0.99
+
+
 def test_upload_form_renders_results(client, collection):
     r0 = row(collection, 40)
     data = Path(r0["path"]).read_bytes()
