@@ -214,6 +214,16 @@ def one_line_error(r, code: int) -> str:
     return lines[0]
 
 
+def assert_refused(result, *words: str) -> None:
+    """Exit 2, exactly one line on stderr, `cbir: error: ...` naming `words`, no traceback."""
+    lines = result.stderr.splitlines()
+    assert result.exit_code == 2, (result.exit_code, result.output)
+    assert len(lines) == 1 and lines[0].startswith("cbir: error: "), result.stderr
+    assert "Traceback" not in result.output
+    for w in words:
+        assert w in lines[0], (w, lines[0])
+
+
 if __name__ == "__main__":
     install(float(os.environ.get("FAKE_MODEL_DELAY", "0")))
     from pipeline.cli import main

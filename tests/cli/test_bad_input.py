@@ -10,14 +10,13 @@ import sqlite3
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import fakes
 import pipeline
+from fakes import assert_refused, cli, opts
 from pipeline import api, specs
-from pipeline.cli import main
 from pipeline.config import DEFAULTS, load_settings
 from pipeline.errors import CbirError
 from pipeline.inputs import scan
@@ -43,24 +42,6 @@ def coll(tmp_path_factory) -> Path:
         assert cli("build-index", "hnsw", "--factory", "HNSW32", *opts(root)).exit_code == 0
         assert cli("build-index", "ivf", "--factory", "IVF4,Flat", *opts(root)).exit_code == 0
     return root
-
-
-def cli(*args: object):
-    return CliRunner().invoke(main, [str(a) for a in args])
-
-
-def opts(folder: Path) -> list[str]:
-    return ["--catalog", str(folder / "c.db"), "--index-dir", str(folder / "idx")]
-
-
-def assert_refused(result, *words: str) -> None:
-    """Exit 2, exactly one line on stderr, `cbir: error: ...` naming `words`, no traceback."""
-    lines = result.stderr.splitlines()
-    assert result.exit_code == 2, (result.exit_code, result.output)
-    assert len(lines) == 1 and lines[0].startswith("cbir: error: "), result.stderr
-    assert "Traceback" not in result.output
-    for w in words:
-        assert w in lines[0], (w, lines[0])
 
 
 # (arguments after the command, words the one error line must hold)

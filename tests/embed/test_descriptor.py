@@ -12,11 +12,10 @@ import math
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
 
 import fakes
+from fakes import cli
 from pipeline import api
-from pipeline.cli import main
 from pipeline.embed import descriptor
 from pipeline.embed.descriptor import Descriptor
 from pipeline.errors import CbirError
@@ -108,10 +107,6 @@ def test_whole_image_decoding_keeps_the_aspect_ratio(tmp_path):
         100, 300, 3,
     )  # fmt: skip
     assert decode_file(str(tmp_path / "wide.png"), 10**8).pixels.shape == (224, 224, 3)
-
-
-def cli(*args):
-    return CliRunner().invoke(main, [str(a) for a in args])
 
 
 def _wide_images(folder, n: int, seed: int = 0) -> None:

@@ -6,25 +6,16 @@ import importlib.util
 import json
 
 import pytest
-from click.testing import CliRunner
 
 import fakes
+from fakes import cli, opts
 from pipeline import api
-from pipeline.cli import main
 from pipeline.store import catalog, reads
 
 
 @pytest.fixture(autouse=True)
 def fake_model(monkeypatch):
     monkeypatch.setattr(api.models, "cached_embedder", fakes.cached)
-
-
-def cli(*args):
-    return CliRunner().invoke(main, [str(a) for a in args])
-
-
-def opts(folder):
-    return ["--catalog", str(folder / "c.db"), "--index-dir", str(folder / "idx")]
 
 
 def producer(folder) -> dict:

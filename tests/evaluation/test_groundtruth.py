@@ -15,12 +15,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
 
 import fakes
 import pipeline
+from fakes import assert_refused, cli, opts
 from pipeline import api
-from pipeline.cli import main
 from pipeline.evaluation import common
 from pipeline.evaluation import instances as instance_eval
 from pipeline.store import catalog, reads, vectors
@@ -49,14 +48,6 @@ def coll(tmp_path_factory) -> Path:
     return root
 
 
-def cli(*args: object):
-    return CliRunner().invoke(main, [str(a) for a in args])
-
-
-def opts(folder: Path) -> list[str]:
-    return ["--catalog", str(folder / "c.db"), "--index-dir", str(folder / "idx")]
-
-
 def write_csv(path: Path, pairs: list[tuple[str, str]], header=("query", "relevant")) -> Path:
     with path.open("w", newline="", encoding="utf-8") as f:
         w = csv.writer(f)
@@ -72,16 +63,6 @@ def ids_by_number(folder: Path) -> dict[int, int]:
         return {int(Path(r["path"]).stem[-4:]): r["id"] for r in db.query("select id, path from images")}  # fmt: skip
     finally:
         db.conn.close()
-
-
-def assert_refused(result, *words: str) -> None:
-    """Exit 2, exactly one line on stderr, `cbir: error: ...` naming `words`, no traceback."""
-    lines = result.stderr.splitlines()
-    assert result.exit_code == 2, (result.exit_code, result.output)
-    assert len(lines) == 1 and lines[0].startswith("cbir: error: "), result.stderr
-    assert "Traceback" not in result.output
-    for w in words:
-        assert w in lines[0], (w, lines[0])
 
 
 # Ground truth and full rankings (query included), by image number.

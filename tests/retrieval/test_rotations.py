@@ -13,13 +13,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
 from PIL import Image
 
 import fakes
 import pipeline
+from fakes import assert_refused, cli, opts
 from pipeline import api, config, specs
-from pipeline.cli import main
 from pipeline.errors import CbirError
 from pipeline.inputs.decode import decode_file
 from pipeline.retrieval import ranking
@@ -51,23 +50,6 @@ def save(pixels: np.ndarray, path: Path, turn: int = 0) -> Path:
                            270: Image.Transpose.ROTATE_270}[turn])  # fmt: skip
     im.save(path)
     return path
-
-
-def cli(*args: object):
-    return CliRunner().invoke(main, [str(a) for a in args])
-
-
-def opts(folder: Path) -> list[str]:
-    return ["--catalog", str(folder / "c.db"), "--index-dir", str(folder / "idx")]
-
-
-def assert_refused(result, *words: str) -> None:
-    lines = result.stderr.splitlines()
-    assert result.exit_code == 2, (result.exit_code, result.output)
-    assert len(lines) == 1 and lines[0].startswith("cbir: error: "), result.stderr
-    assert "Traceback" not in result.output
-    for w in words:
-        assert w in lines[0], (w, lines[0])
 
 
 CLASSIC = ["--input", "crop", "--pooling", "avg"]

@@ -20,7 +20,7 @@ import pytest
 from click.testing import CliRunner
 
 import fakes
-from fakes import assert_same, run_child, snapshot
+from fakes import assert_same, opts, run_child, snapshot
 from pipeline import faults
 from pipeline.cli import main
 from pipeline.retrieval import index_files
@@ -34,10 +34,6 @@ def copy_state(src: Path, dest: Path) -> None:
         shutil.copytree(src, dest)
     else:
         dest.mkdir(parents=True)
-
-
-def opts(state: Path) -> list[str]:
-    return ["--catalog", str(state / "c.db"), "--index-dir", str(state / "idx")]
 
 
 def crash_every_step(tmp_path: Path, base: Path, command: list[str], check=None) -> int:

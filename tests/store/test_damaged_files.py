@@ -13,12 +13,10 @@ import sys
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner
 
 import fakes
-from fakes import assert_same, snapshot
+from fakes import assert_same, cli, opts, snapshot
 from pipeline import api
-from pipeline.cli import main
 from pipeline.retrieval import index_files
 from pipeline.store import catalog, reads
 
@@ -26,14 +24,6 @@ from pipeline.store import catalog, reads
 @pytest.fixture(autouse=True)
 def fake_model(monkeypatch):
     monkeypatch.setattr(api.models, "cached_embedder", fakes.cached)
-
-
-def cli(*args):
-    return CliRunner().invoke(main, [str(a) for a in args])
-
-
-def opts(folder: Path) -> list[str]:
-    return ["--catalog", str(folder / "c.db"), "--index-dir", str(folder / "idx")]
 
 
 def one_line_error(r, code: int) -> str:

@@ -11,12 +11,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
 
 import fakes
-from fakes import assert_same, snapshot
+from fakes import assert_same, cli, opts, snapshot
 from pipeline import api
-from pipeline.cli import main
 from pipeline.errors import CbirError
 from pipeline.store import catalog, reads, schema, vectors
 
@@ -24,14 +22,6 @@ from pipeline.store import catalog, reads, schema, vectors
 @pytest.fixture(autouse=True)
 def fake_model(monkeypatch):
     monkeypatch.setattr(api.models, "cached_embedder", fakes.cached)
-
-
-def cli(*args: str):
-    return CliRunner().invoke(main, [str(a) for a in args])
-
-
-def opts(folder: Path) -> list[str]:
-    return ["--catalog", str(folder / "c.db"), "--index-dir", str(folder / "idx")]
 
 
 def digest(path: Path) -> str:

@@ -22,7 +22,7 @@ import pytest
 from click.testing import CliRunner
 
 import fakes
-from fakes import assert_same, snapshot
+from fakes import assert_same, opts, snapshot
 from pipeline.cli import main
 
 FAKES = str(Path(fakes.__file__).resolve())
@@ -32,10 +32,6 @@ ALLOWED_READER_ERRORS = (
     "has no indexed images yet",
     "no indexed image with id",
 )
-
-
-def opts(folder: Path) -> list[str]:
-    return ["--catalog", str(folder / "c.db"), "--index-dir", str(folder / "idx")]
 
 
 def reader_loop(folder: Path, stop: threading.Event, seen: list[tuple[int, str]]) -> None:

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 import fakes
-from fakes import assert_same, cli, ok, one_line_error, snapshot
+from fakes import assert_same, cli, ok, one_line_error, opts, snapshot
 from pipeline import api
 from pipeline.retrieval import indexes
 from pipeline.store import vectors
@@ -33,10 +33,6 @@ K = N - 1  # whole rankings: every image but the damaged one
 @pytest.fixture(autouse=True)
 def fake_model(monkeypatch):
     monkeypatch.setattr(api.models, "cached_embedder", fakes.cached)
-
-
-def opts(folder: Path) -> list[str]:
-    return ["--catalog", str(folder / "c.db"), "--index-dir", str(folder / "idx")]
 
 
 def options(folder: Path) -> dict[str, str]:
