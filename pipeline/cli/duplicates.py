@@ -11,6 +11,7 @@ import click
 from pipeline import api
 from pipeline.cli.moving import act, move_options
 from pipeline.cli.options import CommaList, common_options, typed
+from pipeline.cli.progress import progress_bar
 from pipeline.errors import CbirError
 from pipeline.specs import OPTIONS
 
@@ -88,25 +89,12 @@ def print_table(report: dict[str, Any]) -> None:
 @common_options
 def duplicates_cmd(as_json: bool, as_csv: bool, **options: Any) -> None:
     """Groups of duplicate images (no model runs): same bytes, near-identical, similar shots."""
-    from tqdm import tqdm
-
     if as_json and as_csv:
         raise CbirError("give --json or --csv, not both")
-    bar: list[tqdm] = []
-
-    def on_total(n: int) -> None:
-        bar.append(tqdm(total=n, unit="img", disable=None, file=sys.stderr, desc="comparing"))
-
-    def progress(n: int) -> None:
-        bar[0].update(n)
-
-    try:
-        if act(as_json, as_csv, options, progress=progress, on_total=on_total):
+    with progress_bar("comparing") as bar:
+        if act(as_json, as_csv, options, progress=bar.progress, on_total=bar.on_total):
             return  # --move-to, --undo or --plan (pipeline/cli/moving.py)
-        report = api.duplicates_report(progress=progress, on_total=on_total, **options)
-    finally:
-        for b in bar:
-            b.close()
+        report = api.duplicates_report(progress=bar.progress, on_total=bar.on_total, **options)
     if as_json:
         click.echo(json.dumps(report))
     elif as_csv:

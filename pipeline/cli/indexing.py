@@ -17,6 +17,7 @@ from pipeline.cli.options import (
     search_param_options,
     typed,
 )
+from pipeline.cli.progress import progress_bar
 from pipeline.specs import OPTIONS, SPEC
 
 
@@ -91,29 +92,15 @@ from pipeline.specs import OPTIONS, SPEC
 @common_options
 def index_cmd(paths: tuple[str, ...], **options: Any) -> None:
     """Index image folders, files, or manifest CSVs (path,label,split); incremental."""
-    from tqdm import tqdm
-
     settings = api.settings_for(**options)
-    bar: list[tqdm] = []
-
-    def on_total(n: int) -> None:
-        # disable=None: a bar on a terminal, silence when piped or in CI.
-        bar.append(tqdm(total=n, unit="img", disable=None, file=sys.stderr, desc="indexing"))
-
-    def progress(n: int) -> None:
-        bar[0].update(n)
-
-    def on_status(text: str) -> None:
-        if bar:
-            bar[0].set_postfix_str(text)
-
-    try:
+    with progress_bar("indexing") as bar:
         summary = api.index(
-            list(paths), progress=progress, on_total=on_total, on_status=on_status, **options
+            list(paths),
+            progress=bar.progress,
+            on_total=bar.on_total,
+            on_status=bar.on_status,
+            **options,
         )
-    finally:
-        for b in bar:
-            b.close()
     click.echo(
         f"scanned {summary.scanned}, unchanged {summary.unchanged}, "
         f"indexed {summary.indexed + summary.copied} "
