@@ -18,6 +18,7 @@ from pipeline.api import (
     search,
     train,
     verify,
+    watch,
 )
 from pipeline.errors import CbirError
 
@@ -31,4 +32,5 @@ __all__ = [
     "search",
     "train",
     "verify",
+    "watch",
 ]

@@ -81,6 +81,9 @@ class Settings:
     # query-time rotations (degrees) of image queries, for photos stored sideways without an
     # EXIF tag: each image keeps its best score; 4 angles = 4x the query embedding and search
     rotations: str = "0"
+    # results whose score (cosine similarity, after re-ranking) is below this are left
+    # out; -1 keeps every result
+    min_score: float = -1.0
     # the folders a config file indexes when `cbir index` is given none
     roots: tuple[str, ...] = ()
 

@@ -38,6 +38,10 @@ class CatalogNotReady(CbirError):
     """A reader found a catalog that a writer is creating or has yet to upgrade (HTTP 503)."""
 
 
+class WriterBusy(CbirError):
+    """Another job holds the catalog's write lock (HTTP 503: retry when it is done)."""
+
+
 def _log_file(catalog: str | None) -> Path:
     """Where a traceback goes: beside the catalog, or the temp folder if that is not writable."""
     catalog = catalog or os.environ.get("CBIR_CATALOG") or "catalog.db"

@@ -112,6 +112,7 @@ SPEC: dict[str, Spec] = {
     "rerank_alpha": Spec("float", 0, 100),
     "shortlist": Spec("int", 1, 10_000),
     "rotations": Spec("choice", choices=ROTATIONS),
+    "min_score": Spec("float", -1, 1),  # a cosine similarity
     "roots": Spec("roots"),
 }
 # Relevance feedback: ids the user marked (per query, not settings).
@@ -150,6 +151,11 @@ OPTIONS: dict[str, Spec] = {
     "near": Spec("float", 0, 1, lo_open=True),
     "similar": Spec("float", 0, 1, lo_open=True),
     "include": Spec("choice", choices=("exact", "near", "similar")),
+    # cbir watch: seconds of quiet before a batch, the longest wait after its first event,
+    # and between full rescans (0: none)
+    "debounce": Spec("float", 0, 3600),
+    "max_wait": Spec("float", 0, 86400, lo_open=True),
+    "rescan": Spec("float", 0, 7 * 86400),
 }
 
 

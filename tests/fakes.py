@@ -110,11 +110,11 @@ def cached(
     return FakeEmbedder(batch_size, delay, runtime, precision, log, descriptor)
 
 
-def install(delay: float = 0.0) -> None:
-    """Make every model load in this process return the fake model."""
+def install(delay: float = 0.0, log: str | None = None) -> None:
+    """Make every model load in this process return the fake model (`log`: see FakeModel)."""
     from pipeline import api
 
-    api.models.cached_embedder = lambda *args: cached(*args, delay=delay)
+    api.models.cached_embedder = lambda *args: cached(*args, delay=delay, log=log)
 
 
 def make_images(folder: Path, n: int, seed: int = 0, size: int = 48) -> list[Path]:
@@ -225,7 +225,7 @@ def assert_refused(result, *words: str) -> None:
 
 
 if __name__ == "__main__":
-    install(float(os.environ.get("FAKE_MODEL_DELAY", "0")))
+    install(float(os.environ.get("FAKE_MODEL_DELAY", "0")), os.environ.get("FAKE_MODEL_LOG"))
     from pipeline.cli import main
 
     main()
@@ -341,6 +341,30 @@ def as_schema_4(path: Path) -> None:
         con.execute("alter table indexes drop column data_digest")
         for table in schema.SEALED:
             con.execute(f"alter table {table} drop column row_crc")
+        con.execute("drop index idx_images_undated")  # schema 6's, and its columns
+        for column in schema.IMAGE_COLUMNS[len(schema.IMAGE_COLUMNS_5) :]:
+            con.execute(f"alter table images drop column {column}")
         con.execute("update meta set value = '4' where key = 'schema_version'")
+    con.execute("pragma wal_checkpoint(truncate)")
+    con.close()
+
+
+def as_schema_5(path: Path) -> None:
+    """Make a catalog what cbir schema 5 wrote: no image dates, rows sealed over schema 5's
+    columns (a row that failed its checksum before still fails it)."""
+    import sqlite3
+
+    con = sqlite3.connect(path)
+    con.create_function("cbir_row_crc", -1, seals.row_crc, deterministic=True)
+    v5 = schema.crc_sql("images", schema.IMAGE_COLUMNS_5)
+    with con:
+        con.execute(f"update images set row_crc = {v5} where row_crc is {schema.crc_sql('images')}")
+        con.execute("drop index idx_images_undated")
+        for column in schema.IMAGE_COLUMNS[len(schema.IMAGE_COLUMNS_5) :]:
+            con.execute(f"alter table images drop column {column}")
+        con.execute("update meta set value = '5' where key = 'schema_version'")
+        con.execute(
+            f"update meta set row_crc = {schema.crc_sql('meta')} where key = 'schema_version'"
+        )
     con.execute("pragma wal_checkpoint(truncate)")
     con.close()

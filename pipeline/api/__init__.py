@@ -9,8 +9,10 @@ clients that keep them open (the web server).
 One module per job: `models` (which model a command uses, loaded once per
 process by `cached_embedder`), `indexing` (index), `searching` (search,
 search_in), `building` (build_index, update_indexes), `checks` (info,
-verify), `dedup` (duplicates, and moving them: move_duplicates, undo_moves),
-`experiments` (evaluate, train), and `frontends` (the limits,
+verify), `editing` (add_uploads, remove_images: images one at a time, as a
+server adds them), `dedup` (duplicates, and moving them: move_duplicates,
+undo_moves), `experiments` (evaluate, train), `watching` (watch: keep a
+catalog up to date with its folders), and `frontends` (the limits,
 parsers and texts of the core that the front-ends show).
 
 Layering (setup.cfg [importlinter]): the API may import every layer below it
@@ -37,6 +39,7 @@ from pipeline.api.dedup import (
 )
 from pipeline.api.dedup_export import chosen_moves
 from pipeline.api.dedup_export import write_csv as write_duplicates_csv
+from pipeline.api.editing import add_uploads, check_upload, remove_images
 from pipeline.api.experiments import evaluate, train
 from pipeline.api.frontends import (
     DEFAULT_SHRINKAGE,
@@ -66,21 +69,26 @@ from pipeline.api.models import (
     settings_for,
     with_descriptor,
 )
-from pipeline.api.searching import Pixels, Query, Upload, search, search_in
+from pipeline.api.searching import Filter, Pixels, Query, Upload, make_filter, search, search_in
+from pipeline.api.watching import Batch, watch
 
 __all__ = [
     "DEFAULT_SHRINKAGE",
     "DEFAULT_WHITEN_DIM",
+    "Filter",
     "KIND_NAMES",
     "MAX_SHARDS",
     "SHRINKAGE_SPEC",
     "WHITEN_DIM_SPEC",
+    "Batch",
     "Pixels",
     "Query",
     "Upload",
+    "add_uploads",
     "build_index",
     "cached_embedder",
     "calibration_for",
+    "check_upload",
     "chosen_moves",
     "describe_model",
     "describe_update",
@@ -95,6 +103,7 @@ __all__ = [
     "index",
     "info",
     "info_in",
+    "make_filter",
     "model_choice",
     "model_loader",
     "move_duplicates",
@@ -102,6 +111,7 @@ __all__ = [
     "parse_params",
     "parse_size",
     "producer_choice",
+    "remove_images",
     "search",
     "search_in",
     "settings_for",
@@ -109,6 +119,7 @@ __all__ = [
     "undo_moves",
     "update_indexes",
     "verify",
+    "watch",
     "whitening_note",
     "with_descriptor",
     "write_move_plan",

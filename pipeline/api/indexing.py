@@ -16,12 +16,12 @@ from typing import Any
 from pipeline import files, raycluster
 from pipeline.api.building import update_indexes
 from pipeline.api.models import embedder_for, model_loader, settings_for, with_descriptor
-from pipeline.config import DEFAULTS
+from pipeline.config import DEFAULTS, Settings
 from pipeline.embed.interface import Embedder
 from pipeline.errors import CbirError
 from pipeline.ingest import engine_ray, jobs
 from pipeline.inputs.scan import find
-from pipeline.store.collection import writing
+from pipeline.store.collection import Collection, writing
 
 
 def index(
@@ -30,14 +30,19 @@ def index(
     progress=None,
     on_total=None,
     on_status=None,
+    embedder: Embedder | None = None,
     **options: Any,
 ) -> jobs.Summary:
     """Index image folders, files or manifest CSVs into the catalog; incremental.
 
     With engine="ray", decoding and the model run on Ray actors (`engine_ray`);
     `on_status(text)` then hears the cluster's state (live actors) now and then.
+    `embedder`: a model already loaded (a server's, `api.session`), checked against the
+    catalog like a loaded one, instead of loading another (local engine only).
     """
     s = settings_for(config, **options)
+    if embedder is not None and s.engine != "local":
+        raise CbirError("a model passed in runs here: leave the engine at 'local'")
     roots = [str(p) for p in (list(paths) or list(s.roots))]
     if not roots:
         raise CbirError("give at least one folder, image or manifest CSV (or 'roots' in a config)")
@@ -76,7 +81,9 @@ def index(
         summary = jobs.run_index(
             roots,
             coll,
-            lambda todo: embedder_for(s, coll, todo=todo),
+            (lambda todo: embedder_for(s, coll, todo=todo))
+            if embedder is None
+            else (lambda todo: _checked(embedder, coll, s)),
             s,
             progress=progress,
             on_total=on_total,
@@ -86,3 +93,10 @@ def index(
         if s.update_indexes:
             summary.index_notes = update_indexes(coll)
         return summary
+
+
+def _checked(embedder: Embedder, coll: Collection, s: Settings) -> Embedder:
+    """A model passed in, held to the catalog's family and producer as `embedder_for` holds
+    one it loads."""
+    coll.check_embedder(embedder, s.allow_mixed)
+    return embedder

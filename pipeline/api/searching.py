@@ -6,6 +6,7 @@ open (the web server); `search` opens them for one call, as `cbir search` does.
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -22,9 +23,15 @@ from pipeline.embed.interface import Embedder
 from pipeline.errors import CbirError, NotFoundError
 from pipeline.inputs.decode import DecodeError, decode_bytes, decode_file
 from pipeline.inputs.scan import no_images, scan
-from pipeline.retrieval import factories, indexes, ranking, rerank
+from pipeline.retrieval import factories, filters, indexes, ranking, rerank
+from pipeline.retrieval.filters import Filter, make_filter
+from pipeline.retrieval.restricted import Restricted
 from pipeline.store import reads
 from pipeline.store.collection import Collection
+
+log = logging.getLogger("cbir")
+# The options of `search` that make its filter (`filters.make_filter`), as `cbir search` names them.
+FILTER_OPTIONS = ("under", "label", "since", "until")
 
 
 @dataclass(frozen=True)
@@ -90,6 +97,7 @@ def search_in(
     allow_stale: bool = False,
     relevant=(),
     not_relevant=(),
+    within: Filter | None = None,
 ) -> list[dict[str, Any]]:
     """Top-k results of each query (catalog id, image file, upload or decoded pixels).
 
@@ -105,10 +113,19 @@ def search_in(
     ranks the collection, and each image keeps its best score
     (`ranking.best_over`): n angles cost n times the query's embedding and search.
     Id queries use their stored vector, unturned.
+
+    `within` (a `Filter`: folders, labels, dates) restricts the results to the images
+    that pass it, inside the search (`restricted`); each answer then carries "filter"
+    (what it is, and "matching": how many images pass it), and "notice" when an index
+    that cannot filter inside the search returned fewer than k of them. Setting
+    `min_score` leaves out results scoring below it.
     """
     if not coll.dim:
         raise CbirError(f"catalog {coll.path} has no indexed images yet")
     index_obj, _, in_force = indexes.loaded(coll, s.index, params, allow_stale)
+    restricted = None
+    if within is not None and within.active:
+        restricted = Restricted(index_obj, filters.matching(coll, within), coll.vectors)
     angles = specs.rotation_angles(s.rotations)
     d = descriptor_for(s, coll)  # images are decoded to the catalog's descriptor input
     answers: list[dict[str, Any]] = []
@@ -158,21 +175,48 @@ def search_in(
             how=ranking.rerank_from(s),
             refine=int(in_force.get("refine", 1)),
             groups=[len(vecs[i]) for i in good] if len(angles) > 1 else None,
+            within=restricted,
+            min_score=s.min_score if s.min_score > -1 else None,
         )
         for i, results in zip(good, found, strict=True):
             answers[i]["results"] = results
+    notice = _short_notice(restricted, s) if restricted is not None else None
+    if notice:
+        log.warning("%s", notice)
     for a in answers:
         a.setdefault("results", [])
+        if restricted is not None and within is not None:
+            a["filter"] = {**within.describe(), "matching": restricted.ntotal}
+        if notice:
+            a["notice"] = notice
     return answers
+
+
+def _short_notice(restricted: Restricted, s: Settings) -> str | None:
+    """One line when the index returned fewer than k of the images that pass the filter."""
+    if not restricted.short:
+        return None
+    why = (
+        "it cannot filter inside its search, and its nearest candidates held no more"
+        if restricted.how == "over-fetch"
+        else "its search reaches only so far from the query"
+    )
+    return (
+        f"index {s.index!r} returned fewer than {s.k} of the {restricted.ntotal} images that "
+        f"pass the filter ({why}); --index exact finds them all"
+    )
 
 
 def search(queries: list[Query] | Query | Path, config: str | None = None, **options: Any):
     """Top-k results for image files, folders of images, or catalog ids (see `search_in`).
 
     Options beyond the settings: `params` (search parameters, e.g.
-    ["nprobe=16"]), `allow_stale`, `relevant` / `not_relevant`.
+    ["nprobe=16"]), `allow_stale`, `relevant` / `not_relevant`, and a filter: `under`
+    (folders), `label` (labels), each a string or a list; `since`, `until` (ISO dates or
+    times as strings, `datetime.date` or `datetime.datetime`; see `retrieval.filters`).
     """
     s = settings_for(config, **options)
+    within = make_filter(*(options.get(key) for key in FILTER_OPTIONS))
     if isinstance(queries, str | int | Path | Upload):
         queries = [queries]
     coll = open_collection(s)
@@ -186,6 +230,7 @@ def search(queries: list[Query] | Query | Path, config: str | None = None, **opt
             allow_stale=bool(options.get("allow_stale")),
             relevant=options.get("relevant") or (),
             not_relevant=options.get("not_relevant") or (),
+            within=within,
         )
     finally:
         coll.close()

@@ -24,7 +24,7 @@ from pipeline.embed.descriptor import SIZE_RANGE
 from pipeline.embed.interface import Embedder
 from pipeline.errors import CbirError, NotFoundError
 from pipeline.inputs.decode import MAX_ASPECT
-from pipeline.retrieval import indexes
+from pipeline.retrieval import filters, indexes
 from pipeline.store import reads, vectors
 from pipeline.store.collection import Collection
 
@@ -56,7 +56,7 @@ class Session:
         self.coll = coll
         # Concurrent queries share forward passes (one at a time, each on every core).
         self.embedder = MicroBatcher(embedder, max_batch=embedder.batch_size)
-        self._browse: tuple[int, list[dict[str, Any]]] = (-1, [])
+        self._browse: tuple[Any, list[dict[str, Any]]] = (None, [])
         self._browse_lock = threading.Lock()
         self._duplicates = DuplicatesCache(coll)
 
@@ -100,12 +100,15 @@ class Session:
         allow_stale: bool = False,
         relevant: tuple[int, ...] = (),
         not_relevant: tuple[int, ...] = (),
+        within: searching.Filter | None = None,
     ) -> dict[str, Any]:
-        """The answer to one query, in the shape of `cbir search --json` (see `search_in`)."""
-        return searching.search_in(
-            self.coll, [query], settings, lambda: self.embedder,
-            allow_stale=allow_stale, relevant=relevant, not_relevant=not_relevant,
-        )[0]  # fmt: skip
+        """The answer to one query, in the shape of `cbir search --json` (see `search_in`),
+        from one moment of the catalog: a job's commit meanwhile is wholly in it or not."""
+        with self.coll.snapshot():
+            return searching.search_in(
+                self.coll, [query], settings, lambda: self.embedder, allow_stale=allow_stale,
+                relevant=relevant, not_relevant=not_relevant, within=within,
+            )[0]  # fmt: skip
 
     # --- rows, indexes, the collection ---------------------------------------------------
 
@@ -120,12 +123,18 @@ class Session:
     def indexed_rows(self) -> list[dict[str, Any]]:
         """Indexed images (id, path, label) in id order, re-read when the catalog changes."""
         db = self.coll.db
-        gen = reads.generation(db)
+        # A move or relabel (cbir index, cbir watch) rewrites rows without a new generation.
+        gen = (reads.generation(db), reads.data_version(db))
         with self._browse_lock:
             if self._browse[0] != gen:
                 found = reads.lookup(db, reads.indexed_ids(db))
                 self._browse = (gen, [found[i] for i in sorted(found)])
             return self._browse[1]
+
+    def image_folders(self, limit: int = 200) -> list[dict[str, Any]]:
+        """The folders holding indexed images, the `limit` fullest, for a folder picker
+        ([{"folder", "images"}] by folder; `retrieval.filters.folders`)."""
+        return filters.folders(self.coll, limit)
 
     def index_names(self) -> list[str]:
         """The exact search first, then the catalog's built indexes."""

@@ -2,6 +2,8 @@
 
 - extract: indexing throughput against the model alone, and `bench scale`
   (index build time, memory, QPS and recall per size);
+- bigjpeg: `bench extract --big`, 12-megapixel JPEGs against the same photos small;
+- scores: what a score means (pair-score quantiles) and flat against adaptive cut-offs;
 - synth: synthetic vectors made from real features, for `bench scale`;
 - shards: a sharded on-disk build against a single-shot one;
 - distributed: the Ray engine against the local one, the driver's commits;

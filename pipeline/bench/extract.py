@@ -40,6 +40,22 @@ def _producers(settings: Settings) -> list[tuple[str, str]]:
     return list(dict.fromkeys(pairs))
 
 
+def index_rate(files: list[str], embedder: Embedder, settings: Settings) -> float:
+    """Images/s of indexing `files` end to end into a new throw-away catalog with a
+    loaded model: scan, read, hash, decode, embed, write vectors, commit rows."""
+    with tempfile.TemporaryDirectory(prefix="cbir-bench-") as tmp:
+        started = time.perf_counter()
+        with writing(Path(tmp) / "catalog.db", Path(tmp) / "index") as coll:
+
+            def checked(_todo: list[str]) -> Embedder:
+                coll.check_embedder(embedder)  # adopts the model, as embedder_for does
+                return embedder
+
+            summary = jobs.run_index(files, coll, checked, settings)
+        done = summary.indexed + summary.copied + summary.failed
+        return done / (time.perf_counter() - started)
+
+
 def bench_extract(
     folder: str, settings: Settings, limit: int | None = None, repeats: int = 1
 ) -> dict[str, Any]:
@@ -82,17 +98,7 @@ def bench_extract(
         embedder.embed(pixels[: embedder.batch_size])  # warm-up: graph tracing is not throughput
         e2e, model = [], []
         for _ in range(repeats):
-            with tempfile.TemporaryDirectory(prefix="cbir-bench-") as tmp:
-                started = time.perf_counter()
-                with writing(Path(tmp) / "catalog.db", Path(tmp) / "index") as coll:
-
-                    def checked(_todo: list[str], coll=coll, embedder=embedder) -> Embedder:
-                        coll.check_embedder(embedder)  # adopts the model, as embedder_for does
-                        return embedder
-
-                    summary = jobs.run_index(files, coll, checked, settings)
-                done = summary.indexed + summary.copied + summary.failed
-                e2e.append(done / (time.perf_counter() - started))
+            e2e.append(index_rate(files, embedder, settings))
             started = time.perf_counter()
             vecs = embedder.embed(pixels)
             model.append(len(pixels) / (time.perf_counter() - started))

@@ -3,7 +3,7 @@
 One module per group of commands: `group` (the `cbir` group itself, its
 --debug and the command list), `indexing` (index, build-index), `querying`
 (search), `checking` (info, verify), `experiments` (evaluate, train),
-`serving` (serve, bench), and `options` (the options and parameter types they
+`serving` (serve, bench), `watching` (watch), and `options` (the options and parameter types they
 share).
 
 Layering (setup.cfg [importlinter]): the CLI is the top layer. It may import

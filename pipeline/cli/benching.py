@@ -9,6 +9,7 @@ import sys
 import click
 
 from pipeline import api
+from pipeline.cli.benching_quality import bench_duplicates_cmd, bench_scores_cmd
 from pipeline.cli.options import (
     CommaList,
     CountRange,
@@ -27,6 +28,11 @@ def bench_group() -> None:
     """Benchmarks that print figures."""
 
 
+# The quality benchmarks on the shared datasets live in their own module.
+bench_group.add_command(bench_duplicates_cmd)
+bench_group.add_command(bench_scores_cmd)
+
+
 @bench_group.command("extract")
 @click.argument("folder")
 @click.option(
@@ -40,13 +46,26 @@ def bench_group() -> None:
     default=1,
     help="Repeat both measurements; medians are printed.",
 )
+@click.option(
+    "--big",
+    is_flag=True,
+    help="Instead: index FOLDER's images (first 200 unless --limit) and 4000x3000 JPEG "
+    "copies of them alternately with the default model, and print both images/s and "
+    "their ratio (use --repeats 3).",
+)
 @runtime_options
 @common_options
-def bench_extract_cmd(folder: str, limit: int | None, repeats: int, **options) -> None:
-    """End-to-end indexing images/s versus the model alone, and their ratio."""
+def bench_extract_cmd(folder: str, limit: int | None, repeats: int, big: bool, **options) -> None:
+    """End-to-end indexing images/s versus the model alone, and their ratio; with --big,
+    12-megapixel JPEGs against the same photos small."""
+    settings = api.settings_for(**options)
+    if big:
+        from pipeline.bench.bigjpeg import bench_big
+
+        bench_big(folder, settings, limit=limit, repeats=repeats, log=click.echo)
+        return
     from pipeline.bench.extract import bench_extract
 
-    settings = api.settings_for(**options)
     result = bench_extract(folder, settings, limit=limit, repeats=repeats)
     for line in result["lines"]:
         click.echo(line)
@@ -96,52 +115,6 @@ def bench_scale_cmd(
     real = coll.vectors(ids)
     rows = bench_scale(real, sizes, kinds, out_dir, n_queries=n_queries, log=click.echo)
     click.echo(f"{len(rows)} rows -> {out_dir}/scale.csv, plots {out_dir}/recall-qps-SIZE.png")
-
-
-@bench_group.command("duplicates")
-@click.argument("datasets", default="../shared/datasets", type=click.Path(file_okay=False))
-@click.option(
-    "--originals",
-    type=click.IntRange(1, 1000),
-    default=100,
-    show_default=True,
-    help="Corel-1K images edited (beside the 150 Holidays queries); the rest are distractors.",
-)
-@click.option(
-    "--seed", type=click.IntRange(0), default=0, show_default=True, help="Chooses the originals."
-)
-@click.option(
-    "--scale",
-    "sizes",
-    type=CommaList(CountRange(1000, 10**7)),
-    default=None,
-    help="Also time `cbir duplicates` on this many generated vectors, e.g. 1e4,1e5,1e6 "
-    "(exact up to 1e5, IVF at every size; 1e6 needs ~16 GB of disk).",
-)
-@click.option(
-    "--work-dir",
-    "work_dir",
-    type=WritablePath(folder=True),
-    default=None,
-    help="Where the copies and the catalog go, removed after [default: a temporary folder].",
-)
-@click.option(
-    "--out",
-    "out_dir",
-    type=WritablePath(folder=True),
-    default=None,
-    help="Write duplicates.json and near, kinds, similar (and scale) .csv here.",
-)
-@runtime_options
-@common_options
-def bench_duplicates_cmd(datasets: str, originals: int, seed: int, **options) -> None:
-    """Pair precision and recall of `cbir duplicates` per threshold, with the real model:
-    edited copies (near-identical), UKBench (similar shots), Holidays (same place, not a
-    copy). DATASETS holds corel1k, holidays150, ukbench1000 [default ../shared/datasets]."""
-    from pipeline.bench.duplicates import run
-
-    own = {k: options.pop(k) for k in ("sizes", "work_dir", "out_dir")}
-    run(datasets, options=options, originals=originals, seed=seed, log=click.echo, **own)
 
 
 @bench_group.command("serve")

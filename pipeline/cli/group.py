@@ -20,6 +20,7 @@ from pipeline.cli.indexing import build_index_cmd, index_cmd
 from pipeline.cli.options import OneLineGroup
 from pipeline.cli.querying import search_cmd
 from pipeline.cli.serving import serve_cmd
+from pipeline.cli.watching import watch_cmd
 
 
 @click.group("cbir", cls=OneLineGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -49,6 +50,7 @@ def main(debug: bool) -> None:
 # In this order, as `cbir --help` lists them.
 for command in (
     index_cmd,
+    watch_cmd,
     search_cmd,
     duplicates_cmd,
     build_index_cmd,

@@ -107,6 +107,7 @@ def index_cmd(paths: tuple[str, ...], **options: Any) -> None:
         f"(model {summary.indexed}, copied from duplicates {summary.copied}), "
         f"failed {summary.failed}, duplicates {summary.duplicates}, "
         f"relabelled {summary.relabelled}, pruned {summary.pruned}"
+        + (f", moved {summary.moved} (ids and vectors kept)" if summary.moved else "")
         + (f", same file as a catalogued one {summary.aliases}" if summary.aliases else "")
         + (f", listed but missing {summary.missing}" if summary.missing else "")
     )

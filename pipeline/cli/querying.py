@@ -64,6 +64,40 @@ from pipeline.specs import OPTIONS, SPEC
     multiple=True,
     help="Relevance feedback: an id you marked not relevant (repeatable).",
 )
+@click.option(
+    "--under",
+    multiple=True,
+    metavar="FOLDER",
+    help="Only images inside this folder, at any depth (repeatable: any of them).",
+)
+@click.option(
+    "--label",
+    multiple=True,
+    metavar="LABEL",
+    help="Only images with this label (repeatable: any of them).",
+)
+@click.option(
+    "--since",
+    metavar="DATE",
+    default=None,
+    help="Only images taken on or after this date: 2024-05-01, or 2024-05-01T13:45 (local "
+    "time unless it ends in Z or +02:00). An image's date is its EXIF date, else its "
+    "file's modification time.",
+)
+@click.option(
+    "--until",
+    metavar="DATE",
+    default=None,
+    help="Only images taken on or before this date (a date alone: to the end of that day).",
+)
+@click.option(
+    "--min-score",
+    "min_score",
+    type=typed(SPEC["min_score"]),
+    default=None,
+    help="Leave out results whose score (cosine similarity, after re-ranking) is below "
+    f"this [default {DEFAULTS['min_score']:g}: keep all].",
+)
 @search_param_options
 @descriptor_options
 @runtime_options
@@ -86,6 +120,8 @@ def search_cmd(queries: tuple[str, ...], ids: tuple[int, ...], as_json: bool, **
         click.echo(
             f"query: {a['query']}" + (f" (id {a['query_id']})" if a["query_id"] is not None else "")
         )
+        if "filter" in a:
+            click.echo(f"  filter: {_filter_text(a['filter'])}")
         click.echo(f"  {'rank':>4}  {'score':>7}  {'label':<14} path")
         for r in a["results"]:
             click.echo(
@@ -93,3 +129,10 @@ def search_cmd(queries: tuple[str, ...], ids: tuple[int, ...], as_json: bool, **
             )
     if bad:
         sys.exit(2)
+
+
+def _filter_text(shown: dict) -> str:
+    """An answer's filter in one line: its parts, and how many images pass it."""
+    parts = [f"{key} {', '.join(map(str, v)) if isinstance(v, list) else v}"
+             for key, v in shown.items() if key != "matching"]  # fmt: skip
+    return f"{'; '.join(parts)} ({shown['matching']} images match)"

@@ -11,6 +11,7 @@ from pipeline.cli.options import (
     runtime_options,
     typed,
 )
+from pipeline.errors import CbirError
 from pipeline.specs import OPTIONS, SPEC
 
 
@@ -77,6 +78,23 @@ from pipeline.specs import OPTIONS, SPEC
     "DIR, as `cbir duplicates --move-to DIR` does; needs a token. Without it the server "
     "never moves a file.",
 )
+@click.option(
+    "--uploads",
+    "uploads",
+    default=None,
+    metavar="DIR",
+    type=WritablePath(folder=True),
+    help="Let clients add images (POST /api/images: stored in DIR under names made from "
+    "their bytes, then indexed) and remove them (DELETE /api/images/ID: from the catalog, "
+    "not the file); needs a token, on every address. See docs/http.md.",
+)
+@click.option(
+    "--delete-files",
+    "delete_files",
+    is_flag=True,
+    help="With --uploads: DELETE /api/images/ID also deletes the image's file when it lies "
+    "inside the uploads DIR (never a file outside it).",
+)
 @runtime_options
 @common_options
 def serve_cmd(
@@ -88,6 +106,8 @@ def serve_cmd(
     thumbs_dir,
     max_upload_mb: float,
     allow_moves: str | None,
+    uploads: str | None,
+    delete_files: bool,
     **options,
 ) -> None:
     """A web page and JSON API over the catalog, on waitress (binds 127.0.0.1 by default).
@@ -95,17 +115,23 @@ def serve_cmd(
     Pages and `POST /api/search` take k, index, rerank and relevance feedback
     (relevant / not_relevant ids); answers have the shape of `cbir search --json`.
     /duplicates reviews the groups of `cbir duplicates` (JSON: `GET /api/duplicates`)
-    and exports the chosen moves as CSV.
+    and exports the chosen moves as CSV. With --uploads, `POST /api/images` adds
+    images and `DELETE /api/images/ID` removes them (docs/http.md).
     """
     from pipeline.web import server as serve
 
-    token = serve.required_token(host, token, no_auth, allow_moves is not None)  # before loading
+    if delete_files and uploads is None:
+        raise CbirError("--delete-files needs --uploads DIR: only files there are deleted")
+    # Before loading anything.
+    token = serve.required_token(host, token, no_auth, allow_moves is not None, uploads is not None)
     app = serve.open_app(
         api.settings_for(**options),
         thumbs_dir=thumbs_dir,
         max_upload=int(max_upload_mb * 1024 * 1024),
         token=token,
         moves_to=allow_moves,
+        uploads_to=uploads,
+        delete_files=delete_files,
     )
     server = serve.make_server(app, host, port, threads)
     for url in serve.urls(server):

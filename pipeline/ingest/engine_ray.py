@@ -66,6 +66,7 @@ class EmbedActor:
         errors = [b""] * n
         shas = [b""] * n
         sizes = np.zeros((n, 2), dtype=np.int64)
+        taken = np.full(n, np.nan)  # EXIF dates; NaN: none
         pixels, ok = [], []
         for j, raw in enumerate(block["path"]):
             try:
@@ -75,6 +76,7 @@ class EmbedActor:
                 continue
             shas[j] = decoded.sha256.encode()
             sizes[j] = decoded.width, decoded.height
+            taken[j] = np.nan if decoded.taken_at is None else decoded.taken_at
             pixels.append(decoded.pixels)
             ok.append(j)
         vectors = np.zeros((n, self.dim), dtype=np.float32)
@@ -85,6 +87,7 @@ class EmbedActor:
             "error": np.array(errors, dtype=object),
             "sha256": np.array(shas, dtype=object),
             "size": sizes,
+            "taken_at": taken,
             "vector": vectors,
             "actor": np.array([self.actor] * n, dtype=object),
         }
@@ -93,14 +96,18 @@ class EmbedActor:
 def _results(todo: list[ScannedFile], block: dict[str, np.ndarray]) -> Batch:
     """A returned block as the job's (file, result) pairs."""
     out: Batch = []
-    for i, error, sha, size, vector in zip(
-        block["i"], block["error"], block["sha256"], block["size"], block["vector"], strict=True
-    ):
+    # A block from an older actor carries no dates: NaN, none (the mtime stands).
+    taken = block.get("taken_at", np.full(len(block["i"]), np.nan))
+    for i, error, sha, size, vector, at in zip(
+        block["i"], block["error"], block["sha256"], block["size"], block["vector"], taken,
+        strict=True,
+    ):  # fmt: skip
         f = todo[int(i)]
         if error:
             out.append((f, DecodeError(bytes(error).decode("utf-8", "surrogateescape"))))
         else:
-            out.append((f, Embedded(bytes(sha).decode(), int(size[0]), int(size[1]), vector)))
+            date = None if np.isnan(at) else float(at)
+            out.append((f, Embedded(bytes(sha).decode(), int(size[0]), int(size[1]), vector, date)))
     return out
 
 

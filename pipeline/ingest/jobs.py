@@ -28,7 +28,9 @@ from pipeline.config import Settings
 from pipeline.embed import descriptor
 from pipeline.embed.interface import Embedder
 from pipeline.errors import CbirError
+from pipeline.ingest import backfill
 from pipeline.ingest.plan import Plan, make_plan
+from pipeline.inputs import dates
 from pipeline.inputs.decode import Decoded, DecodeError, decode_file
 from pipeline.inputs.scan import Found, ScannedFile, find
 from pipeline.retrieval import autoindex, indexes
@@ -52,6 +54,7 @@ class Summary:
     pruned: int = 0
     aliases: int = 0  # the same file under a second path (symlink, hard link): not added
     missing: int = 0  # listed in a manifest CSV but not on disk
+    moved: int = 0  # renamed or moved: the row keeps its id and vector, no model run
 
     failures: list[tuple[str, str]] = field(default_factory=list)
     index_notes: list[str] = field(default_factory=list)  # --update-indexes: one line each
@@ -68,6 +71,7 @@ class Embedded:
     width: int
     height: int
     vector: np.ndarray
+    taken_at: float | None = None  # its EXIF date (`inputs.dates`)
 
 
 # What an engine says of one file: pixels to embed here, a vector made elsewhere, or why not.
@@ -143,11 +147,12 @@ def _row(
     f: ScannedFile,
     image_id: int,
     run_id: int,
-    decoded: Decoded | None,
+    decoded: Decoded | Embedded | None,
     error: str | None,
     key: str | None,
 ):
     stamp = writes.now()
+    taken_at, taken_from = dates.taken(decoded.taken_at, f.mtime) if decoded else (None, None)
     return {
         "id": image_id,
         "path": f.path,
@@ -163,6 +168,8 @@ def _row(
         "created_at": stamp,
         "updated_at": stamp,
         "file_key": key,
+        "taken_at": taken_at,
+        "taken_from": taken_from,
     }
 
 
@@ -226,9 +233,13 @@ def _index_into(
     summary.scanned, summary.missing = len(scanned), found.missing
     plan = make_plan(db, scanned, settings.retry_failed)
     summary.unchanged, summary.aliases = plan.unchanged, plan.aliases
+    backfill.fill_dates(coll, scanned, settings)  # rows from before schema 6: EXIF headers
     if plan.relabel:
         writes.update_labels(db, plan.relabel)
         summary.relabelled = len(plan.relabel)
+    if plan.moved:  # before pruning, which would drop the rows of the files' old paths
+        writes.move_rows(db, plan.moved, plan.displaced)
+        summary.moved = len(plan.moved)
     if settings.prune:
         summary.pruned = _prune(db, roots, {f.path for f in scanned})
     if on_total:

@@ -29,7 +29,7 @@ from typing import Any
 
 from pipeline import faults, files
 from pipeline.errors import CbirError
-from pipeline.store.schema import IMAGE_COLUMNS
+from pipeline.store.schema import IMAGE_COLUMNS, IMAGE_COLUMNS_5
 from pipeline.store.vectors import fsync_dir
 
 LOG_FORMAT = "cbir-duplicates-moves"
@@ -165,7 +165,11 @@ def _text(value: Any) -> str:
 
 def _move(m: dict[str, Any]) -> Move:
     row = m["row"]
-    if not isinstance(row, dict) or set(row) != set(IMAGE_COLUMNS) or type(row["id"]) is not int:
+    # A log written before schema 6 holds rows without the dates (restored as NULL: the
+    # next `cbir index` reads them).
+    if not isinstance(row, dict) or not set(IMAGE_COLUMNS_5) <= set(row) <= set(IMAGE_COLUMNS):
+        raise ValueError("a move's catalog row lacks columns")
+    if type(row["id"]) is not int:
         raise ValueError("a move's catalog row lacks columns")
     if _text(row["path"]) != _text(m["from"]) or not os.path.isabs(m["to"]):
         raise ValueError("a move's paths do not match its row")
@@ -301,7 +305,8 @@ def rename_file(frm: str, to: str) -> None:
     os.rename(frm, to)
 
 
-def _unlink(path: str) -> None:
+def unlink(path: str) -> None:
+    """Remove a file durably: its folder is fsynced after the step."""
     os.unlink(path)
     faults.step(f"unlink {os.path.basename(path)}")
     fsync_dir(Path(path).parent)
@@ -319,11 +324,11 @@ def transfer(frm: str, to: str) -> None:
     """
     tmp = tmp_of(to)
     if os.path.lexists(tmp):
-        _unlink(tmp)  # a copy cut short by a crash: ours, made again below
+        unlink(tmp)  # a copy cut short by a crash: ours, made again below
     if not os.path.lexists(frm):
         return  # moved already
     if os.path.lexists(to):
-        _unlink(frm)  # copied already (the same bytes): only the source was left
+        unlink(frm)  # copied already (the same bytes): only the source was left
         return
     make_folders(os.path.dirname(to))
     try:
@@ -335,7 +340,7 @@ def transfer(frm: str, to: str) -> None:
         os.rename(tmp, to)
         faults.step(f"rename {os.path.basename(to)}")
         fsync_dir(Path(to).parent)
-        _unlink(frm)
+        unlink(frm)
         return
     faults.step(f"rename {os.path.basename(to)}")
     fsync_dir(Path(to).parent)

@@ -319,7 +319,7 @@ def _carry_out(coll: Collection, entry: Log, forward: bool) -> dict[str, Any]:
             writes.delete_rows(coll.db, [r["id"] for r in rows])
         else:
             writes.restore_rows(coll.db, rows)
-        _refresh_exact(coll)
+        refresh_exact(coll)
         _set_state(entry, FINISHED[0] if forward else FINISHED[1])
     except BaseException:
         with contextlib.suppress(Exception):
@@ -334,7 +334,7 @@ def _set_state(entry: Log, state: str) -> None:
     save_log(entry)
 
 
-def _refresh_exact(coll: Collection) -> None:
+def refresh_exact(coll: Collection) -> None:
     """Rebuild the exact index as an indexing job does, unless it is current already."""
     if not coll.dim or not len(coll.indexed_ids()):
         return

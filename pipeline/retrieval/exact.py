@@ -14,12 +14,14 @@ CHUNK = 65536  # rows in memory at a time
 
 
 def top_k(
-    rows: np.ndarray, ids: np.ndarray, queries: np.ndarray, k: int
+    rows: np.ndarray, ids: np.ndarray, queries: np.ndarray, k: int, keep: np.ndarray | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
     """(scores, ids) of the exact top k by inner product over rows[ids], best first.
 
     `rows` may be a memory map of any size: it is scanned in chunks with BLAS.
-    Rows short of k are padded with score -inf and id -1.
+    Rows short of k are padded with score -inf and id -1. `keep` (one bool per id) leaves
+    out the others: a search filter that passes many ids scores runs of rows in place and
+    masks them, rather than gathering the ids it passes.
     """
     queries = np.asarray(queries, dtype=np.float32)
     best_s = np.full((len(queries), 0), -np.inf, dtype=np.float32)
@@ -31,6 +33,8 @@ def top_k(
         else:
             block = rows[chunk]
         s = queries @ np.asarray(block, dtype=np.float32).T
+        if keep is not None:
+            s[:, ~keep[start : start + CHUNK]] = -np.inf
         kk = min(k, s.shape[1])
         part = np.argpartition(-s, kk - 1, axis=1)[:, :kk]
         best_s = np.hstack([best_s, np.take_along_axis(s, part, axis=1)])
@@ -38,6 +42,8 @@ def top_k(
         keep = np.argsort(-best_s, axis=1, kind="stable")[:, :k]
         best_s = np.take_along_axis(best_s, keep, axis=1)
         best_i = np.take_along_axis(best_i, keep, axis=1)
+    if keep is not None:
+        best_i = np.where(np.isneginf(best_s), -1, best_i)
     if best_i.shape[1] < k:
         pad = k - best_i.shape[1]
         best_s = np.hstack([best_s, np.full((len(queries), pad), -np.inf, np.float32)])

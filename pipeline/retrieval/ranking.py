@@ -14,6 +14,12 @@ every index and is the same code that `cbir evaluate` measures.
 A candidate whose stored vector fails its checksum (`damaged`) is treated as
 missing: the index is searched deeper by as many as were found, so the ranking
 is the one the collection would give without them.
+
+A search filter (`within`: the index searched among the filter's ids only,
+`restricted.Restricted`) applies to the candidates; DBA's neighbours are the
+collection's, as without a filter (an image's augmented vector is the same
+whatever the query). A score cut-off (`min_score`) drops the results below it,
+after re-ranking.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ import numpy as np
 from pipeline.config import Settings
 from pipeline.errors import CbirError
 from pipeline.retrieval import rerank, whitening
+from pipeline.retrieval.restricted import Restricted
 from pipeline.specs import parse_rerank
 from pipeline.store import reads
 
@@ -78,11 +85,13 @@ def ranked(
     how: Rerank = Rerank(),
     refine: int = 1,
     damaged: Damaged | None = None,
+    within: Restricted | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """(ids, scores), each (q, <=k), best first, -1 padded.
 
     `damaged` names the candidates whose stored vectors fail their checksum: they
     are left out of the results and of re-ranking, as if they were not indexed.
+    `within` (`index` restricted to a filter's ids) gives the candidates instead.
 
     Scores are recomputed from the stored vectors: exact cosines of query and
     image. With re-ranking they are the cosines between the expanded query and
@@ -100,8 +109,8 @@ def ranked(
         # One query gains nothing from OpenMP threads and, on a busy machine,
         # loses milliseconds to their start-up and spinning.
         with single_thread():
-            return _ranked(index, lookup, queries, k, how, refine, damaged)
-    return _ranked(index, lookup, queries, k, how, refine, damaged)
+            return _ranked(index, lookup, queries, k, how, refine, damaged, within)
+    return _ranked(index, lookup, queries, k, how, refine, damaged, within)
 
 
 @contextmanager
@@ -136,14 +145,15 @@ def _search(
     return np.take_along_axis(got, order, axis=1)[:, :k]
 
 
-def _ranked(index, lookup, queries, k, how, refine, damaged=None):
-    ntotal = int(index.ntotal)
+def _ranked(index, lookup, queries, k, how, refine, damaged=None, within=None):
+    searched = within if within is not None else index
+    ntotal = int(searched.ntotal)
     # refine > 1: compressed indexes (PQ) return refine * k candidates, which the
     # exact re-scoring below puts in their true order.
     first_k = min(max(k * max(1, refine), how.shortlist if how.methods else 0), ntotal)
     if first_k == 0:
         return np.full((len(queries), 0), -1), np.zeros((len(queries), 0), np.float32)
-    cand = _search(index, queries, first_k, ntotal, damaged)
+    cand = _search(searched, queries, first_k, ntotal, damaged)
     found = np.unique(cand[cand >= 0])
     raw = lookup(found)
     # A whitened index scores in its whitened space: the exact scores below are
@@ -155,7 +165,8 @@ def _ranked(index, lookup, queries, k, how, refine, damaged=None):
         lookup = _through(lookup, space)
     vecs = space(raw) if space is not None else raw
     if "dba" in how.methods:
-        nb = _search(index, raw, min(how.n, ntotal), ntotal, damaged)
+        everything = int(index.ntotal)  # the collection's neighbours, filter or not
+        nb = _search(index, raw, min(how.n, everything), everything, damaged)
         nb_flat = np.unique(nb[nb >= 0])
         nb_vecs = lookup(nb_flat)
         pos = np.searchsorted(nb_flat, np.where(nb >= 0, nb, nb_flat[0]))
@@ -223,6 +234,12 @@ def merge_variants(
     return ids_out, scores_out
 
 
+def _shown(score: float) -> float:
+    """A score as results show it; the cut-off compares this, so a shown score equal to
+    `min_score` is kept."""
+    return round(float(score), 6)
+
+
 def _through(lookup: Lookup, space: Callable[[np.ndarray], np.ndarray]) -> Lookup:
     return lambda ids: space(lookup(ids))
 
@@ -235,14 +252,17 @@ def search_vectors(
     how: Rerank = Rerank(),
     refine: int = 1,
     groups: Sequence[int] | None = None,
+    within: Restricted | None = None,
+    min_score: float | None = None,
 ) -> list[list[dict[str, Any]]]:
     """Top-k results for each query vector, as lists of result dicts.
 
     Each result: rank (from 1), id, path, label, score (cosine similarity).
     `groups` (rows per query, e.g. a query's rotations) merges consecutive rows by
-    `best_over`: one list per group.
+    `best_over`: one list per group. `within`: a filter (see `ranked`); `min_score`:
+    results scoring below it are left out (the scores come out best first).
     """
-    ids, scores = ranked(index, coll.vectors, queries, k, how, refine, coll.damaged_among)
+    ids, scores = ranked(index, coll.vectors, queries, k, how, refine, coll.damaged_among, within)
     if groups is not None:
         ids, scores = merge_variants(ids, scores, groups)
     rows = reads.lookup(coll.db, np.unique(ids[ids >= 0]))
@@ -255,10 +275,10 @@ def search_vectors(
                     "id": int(i),
                     "path": rows[int(i)]["path"],
                     "label": rows[int(i)]["label"],
-                    "score": round(float(s), 6),
+                    "score": _shown(s),
                 }
                 for rank, (i, s) in enumerate(zip(id_row, score_row, strict=True), start=1)
-                if i >= 0 and int(i) in rows
+                if i >= 0 and int(i) in rows and (min_score is None or _shown(s) >= min_score)
             ]
         )
     return results

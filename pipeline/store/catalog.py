@@ -29,7 +29,7 @@ from typing import Any
 import sqlite_utils
 
 from pipeline import faults
-from pipeline.errors import CatalogNotReady, CbirError, path_problem
+from pipeline.errors import CatalogNotReady, CbirError, WriterBusy, path_problem
 from pipeline.store import seals
 from pipeline.store.schema import APP_ID, MIGRATIONS, READABLE_FROM, SCHEMA_VERSION
 from pipeline.store.writes import set_meta, transaction, write
@@ -245,7 +245,7 @@ def write_lock(catalog_path: str | Path) -> Iterator[None]:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise CbirError(
+            raise WriterBusy(
                 f"another cbir job is writing to {catalog_path}; wait for it to finish"
             ) from None
         yield

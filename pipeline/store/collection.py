@@ -286,6 +286,24 @@ class Collection:
         log.warning("adding %s vectors to a catalog of %s vectors, as --allow-mixed asks", now, was)
         writes.mark_mixed(self.db, json.dumps(embedder.producer, sort_keys=True))
 
+    @contextmanager
+    def snapshot(self) -> Iterator[None]:
+        """Every catalog read in the block sees one moment of the catalog: a read
+        transaction on this thread's connection (WAL: writers go on meanwhile). So a search
+        that a job commits during answers wholly from before the commit or after it, never
+        with the index of one generation and the rows of the next (a removed image would
+        leave k - 1 results). Readers only; a block inside another shares its moment."""
+        conn = self.db.conn
+        if self.writer or conn.in_transaction:
+            yield
+            return
+        conn.execute("BEGIN")  # deferred: the moment is that of the first read
+        try:
+            yield
+        finally:
+            if conn.in_transaction:
+                conn.execute("COMMIT")  # it wrote nothing: this only ends the snapshot
+
     def close(self) -> None:
         db = getattr(self._local, "db", None)
         if db is not None:

@@ -25,6 +25,7 @@ from pipeline.store.seals import (
     meta_damage_text,
     record_damage_text,
     rows_damage_text,
+    still_bad,
 )
 
 
@@ -70,12 +71,18 @@ def generation(db: sqlite_utils.Database) -> int:
     return get_meta_int(db, "generation", 0)
 
 
+def data_version(db: sqlite_utils.Database) -> int:
+    """SQLite's counter of commits by other connections to this file: it moves on a
+    rename or relabel too, which keep the generation (the vectors are the same)."""
+    return int(db.execute("pragma data_version").fetchone()[0])
+
+
 def _checked(db: sqlite_utils.Database, sql: str, params: Iterable[Any] = ()) -> list[dict]:
     """Rows of an images query whose select list ends with `intact` as `intact`;
     DamagedRow (one line) if any of them fails its checksum."""
     rows = list(db.query(sql, list(params)))
     bad = sorted(r["id"] for r in rows if not r.pop("intact"))
-    if bad:
+    if bad and (bad := still_bad(db, "images", bad)):  # not a schema upgraded meanwhile
         raise DamagedRow(rows_damage_text(bad))
     return rows
 
@@ -157,6 +164,33 @@ def image_rows(db: sqlite_utils.Database, ids) -> dict[int, dict[str, Any]]:
     """Whole rows (every column of `schema.IMAGE_COLUMNS`) of the given ids, checked (see
     `_by_ids`): what a duplicates move logs, so that its undo puts them back exactly."""
     return _by_ids(db, ids, ", ".join(c for c in IMAGE_COLUMNS if c != "id"))
+
+
+def by_paths(db: sqlite_utils.Database, paths: Iterable[str]) -> dict[str, dict[str, Any]]:
+    """Committed rows (id, path, label, status, error) of the given paths, checked (see
+    `_by_ids`): a few files' ids without reading every row (`rows_by_path`)."""
+    paths = list(paths)
+    out: dict[str, dict[str, Any]] = {}
+    committed = next_id(db)
+    for start in range(0, len(paths), 500):
+        chunk = paths[start : start + 500]
+        sql = (
+            f"select id, path, label, status, error, {intact(db, 'images')} as intact "
+            f"from images where path in ({','.join('?' * len(chunk))}) and {_COMMITTED}"
+        )
+        for r in _checked(db, sql, [*chunk, committed]):
+            out[r["path"]] = r
+    return out
+
+
+def undated(db: sqlite_utils.Database) -> dict[str, dict[str, Any]]:
+    """path -> row (id, size, mtime) of every indexed, committed image that has no date yet
+    (catalogued before schema 6), checked (see `_checked`)."""
+    sql = (
+        f"select id, path, size, mtime, {intact(db, 'images')} as intact from images "
+        f"where taken_at is null and status = 'indexed' and {_COMMITTED}"
+    )
+    return {r["path"]: r for r in _checked(db, sql, [next_id(db)])}
 
 
 def find_by_sha(db: sqlite_utils.Database, sha256: str) -> int | None:

@@ -13,7 +13,7 @@ table name and all its other columns (`SEALED`, in checksum order; see `seals`).
 
 from __future__ import annotations
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 # PRAGMA application_id of a cbir catalog ("cbir"), so a foreign SQLite file is told apart.
 APP_ID = 0x63626972
 
@@ -33,7 +33,17 @@ IMAGE_COLUMNS = (
     "updated_at",
     "vector_crc",
     "file_key",
+    # When the photo was taken: its EXIF date (DateTimeOriginal, else DateTime or
+    # DateTimeDigitized; local time unless the EXIF gives an offset) as unix seconds, else
+    # the file's mtime; `taken_from` says which ('exif' or 'mtime'). NULL on rows from
+    # before schema 6 until the next `cbir index` reads their EXIF headers (a date filter
+    # uses their mtime meanwhile: `retrieval.filters`).
+    "taken_at",
+    "taken_from",
 )
+# The images columns of schema 5 (what its row checksums cover): the migration to schema 6
+# re-seals the rows that pass their schema-5 checksum, and only those.
+IMAGE_COLUMNS_5 = IMAGE_COLUMNS[:-2]
 
 
 INDEX_COLUMNS = (
@@ -64,25 +74,27 @@ SEALED: dict[str, tuple[str, ...]] = {
 _TEXT = {
     "path", "sha256", "label", "status", "error", "created_at", "updated_at", "file_key",
     "key", "value", "name", "factory", "params", "built_at", "note", "file", "digest",
-    "data_digest",
+    "data_digest", "taken_from",
 }  # fmt: skip
 # The key column of each sealed table: what a damaged row is named by.
 KEY = {"images": "id", "meta": "key", "indexes": "name"}
 
 
-def crc_sql(table: str) -> str:
+def crc_sql(table: str, columns: tuple[str, ...] | None = None) -> str:
     """The SQL expression of a row's checksum, over its columns as stored (the SQL
-    function `cbir_row_crc` is `seals.row_crc`, registered on every connection)."""
-    args = [f"cast({c} as blob)" if c in _TEXT else c for c in SEALED[table]]
+    function `cbir_row_crc` is `seals.row_crc`, registered on every connection);
+    `columns`: those of an older schema (default: this schema's, `SEALED`)."""
+    args = [f"cast({c} as blob)" if c in _TEXT else c for c in columns or SEALED[table]]
     return f"cbir_row_crc('{table}', {', '.join(args)})"
 
 
 def _seal_ddl(table: str) -> list[str]:
     """The row_crc column of one table, and the checksums of its rows from before (the
-    migration to schema 5, in its one transaction)."""
+    migration to schema 5, in its one transaction): over the columns schema 5 has."""
+    columns = IMAGE_COLUMNS_5 if table == "images" else None
     return [
         f"alter table {table} add column row_crc integer",
-        f"update {table} set row_crc = {crc_sql(table)}",
+        f"update {table} set row_crc = {crc_sql(table, columns)}",
     ]
 
 
@@ -138,10 +150,25 @@ MIGRATIONS: list[list[str]] = [
         "alter table indexes add column data_digest text",
         *(sql for table in SEALED for sql in _seal_ddl(table)),
     ],
+    # The date of each image (`taken_at`, `taken_from`: see IMAGE_COLUMNS), for date
+    # filters. The images rows' checksums cover every column, so each row that passes its
+    # schema-5 checksum is sealed anew over the new columns in the same transaction; a row
+    # that fails it keeps its checksum and so still fails (a migration never seals damage).
+    [
+        "alter table images add column taken_at float",
+        "alter table images add column taken_from text",
+        # The rows a job still has to date (`reads.undated`), found without a table scan
+        # by every job (`cbir watch` runs one per batch of changes).
+        "create index idx_images_undated on images (id) where taken_at is null",
+        f"update images set row_crc = {crc_sql('images')} "
+        f"where row_crc is {crc_sql('images', IMAGE_COLUMNS_5)}",
+    ],
 ]
 assert len(MIGRATIONS) == SCHEMA_VERSION
 # The oldest schema a reader accepts as it is: the migrations since only add index-record
 # digests and row checksums a reader can do without (an index recorded without digests,
-# and rows without checksums, are read unchecked, and `verify` notes it), so a reader
-# need not wait for a writer to upgrade the catalog.
+# and rows without checksums, are read unchecked, and `verify` notes it), and the images
+# dates (schema 6: a reader checks a schema-5 row over the columns it has, `seals.intact`,
+# and filters its dates by mtime), so a reader need not wait for a writer to upgrade the
+# catalog. (A cbir of schema 5 refuses a schema-6 catalog: "newer than this cbir".)
 READABLE_FROM = 4

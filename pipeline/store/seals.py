@@ -20,7 +20,7 @@ from typing import Any
 import sqlite_utils
 
 from pipeline.errors import CbirError
-from pipeline.store.schema import KEY, crc_sql
+from pipeline.store.schema import IMAGE_COLUMNS, KEY, crc_sql
 
 
 def row_crc(*values: Any) -> int:
@@ -42,23 +42,37 @@ def register(conn: sqlite3.Connection) -> None:
     conn.create_function("cbir_row_crc", -1, row_crc, deterministic=True)
 
 
-def sealed(db: sqlite_utils.Database) -> bool:
-    """Whether the catalog's rows carry checksums (schema 5); schema 4 is read without.
-
-    Cached per SQLite schema cookie, so a reader sees a writer's upgrade at once.
-    """
+def _images_columns(db: sqlite_utils.Database) -> tuple[bool, tuple[str, ...]]:
+    """(whether rows carry checksums, the `IMAGE_COLUMNS` the images table has), cached per
+    SQLite schema cookie, so a reader sees a writer's upgrade at once."""
     cookie = db.conn.execute("pragma schema_version").fetchone()[0]
     cached = getattr(db, "_cbir_sealed", None)
     if cached is None or cached[0] != cookie:
         cols = {r[1] for r in db.conn.execute("pragma table_info(images)")}
-        cached = (cookie, "row_crc" in cols)
+        cached = (cookie, "row_crc" in cols, tuple(c for c in IMAGE_COLUMNS if c in cols))
         db._cbir_sealed = cached  # type: ignore[attr-defined]
-    return cached[1]
+    return cached[1], cached[2]
+
+
+def sealed(db: sqlite_utils.Database) -> bool:
+    """Whether the catalog's rows carry checksums (schema 5); schema 4 is read without."""
+    return _images_columns(db)[0]
+
+
+def has_column(db: sqlite_utils.Database, column: str) -> bool:
+    """Whether the catalog's images table has this column (a reader of an older schema)."""
+    return column in _images_columns(db)[1]
 
 
 def intact(db: sqlite_utils.Database, table: str) -> str:
-    """A SQL expression, true when a row of `table` matches its checksum (always on schema 4)."""
-    return f"(row_crc is {crc_sql(table)})" if sealed(db) else "1"
+    """A SQL expression, true when a row of `table` matches its checksum (always on schema 4).
+
+    An images row is checked over the columns its catalog has: a reader of a schema-5
+    catalog (no dates yet) checks it as schema 5 sealed it."""
+    sealed_, columns = _images_columns(db)
+    if not sealed_:
+        return "1"
+    return f"(row_crc is {crc_sql(table, columns if table == 'images' else None)})"
 
 
 def bad_rows(db: sqlite_utils.Database, table: str) -> list[Any]:
@@ -67,7 +81,22 @@ def bad_rows(db: sqlite_utils.Database, table: str) -> list[Any]:
         return []
     key = KEY[table]
     sql = f"select {key} from {table} where not {intact(db, table)} order by {key}"
-    return [r[0] for r in db.conn.execute(sql)]
+    bad = [r[0] for r in db.conn.execute(sql)]
+    return still_bad(db, table, bad) if bad else bad
+
+
+def still_bad(db: sqlite_utils.Database, table: str, keys: list[Any]) -> list[Any]:
+    """Of `keys`, the rows that fail their checksum when checked again, sorted. A reader
+    that chose the columns to check (`intact`) just before a writer upgraded the schema
+    (5 -> 6: every images row sealed anew over more columns) sees every row fail once;
+    checked again over the columns the table has now, the intact ones pass."""
+    key, out = KEY[table], []
+    for start in range(0, len(keys), 500):
+        chunk = keys[start : start + 500]
+        marks = ",".join("?" * len(chunk))
+        sql = f"select {key} from {table} where {key} in ({marks}) and not {intact(db, table)}"
+        out += [r[0] for r in db.conn.execute(sql, chunk)]
+    return sorted(out)
 
 
 def unsealed(db: sqlite_utils.Database) -> bool:

@@ -162,6 +162,29 @@ def restore_rows(db: sqlite_utils.Database, rows: list[dict[str, Any]]) -> None:
         _bump_generation(db)
 
 
+def move_rows(
+    db: sqlite_utils.Database, moves: dict[int, dict[str, Any]], displaced: list[int]
+) -> None:
+    """Moved or renamed images, in one transaction: each row of `moves` (id -> its new
+    path, mtime, file_key, label) takes those values and keeps its id, vector and the rest;
+    `displaced` rows (whose path a moved file took) are dropped. Rows are deleted and put
+    back sealed, so two rows may trade paths (a swap) without the unique path index
+    meeting one path twice. The generation stays (the same ids hold the same vectors, so
+    no index goes stale) unless a displaced row went."""
+    if not moves:
+        return
+    stamp = now()
+    with transaction(db):
+        _refuse_damaged(db, "images", [*moves, *displaced])
+        rows = reads.image_rows(db, moves)
+        if lost := sorted(set(moves) - set(rows)):
+            raise CbirError(f"cannot move catalog rows of ids {lost[:5]}: not in the catalog", 1)
+        _delete(db, [*moves, *displaced])
+        _insert(db, [{**rows[i], **moves[i], "updated_at": stamp} for i in moves])
+        if displaced:
+            _bump_generation(db)
+
+
 def _delete(db: sqlite_utils.Database, ids: list[int]) -> None:
     for start in range(0, len(ids), 500):
         chunk = [int(i) for i in ids[start : start + 500]]
@@ -215,6 +238,22 @@ def set_file_keys(db: sqlite_utils.Database, keys: dict[int, str]) -> None:
             db, "update images set file_key = ? where id = ?", [(k, i) for i, k in keys.items()]
         )
         _seal(db, "images", keys)
+
+
+def set_dates(db: sqlite_utils.Database, dates: dict[int, tuple[float, str]]) -> None:
+    """Record the date of images whose rows have none (catalogued before schema 6): id ->
+    (unix seconds, 'exif' or 'mtime'), in one transaction. Not a change of the indexed
+    vectors, so the generation stays."""
+    if not dates:
+        return
+    with transaction(db):
+        _refuse_damaged(db, "images", dates)
+        write_many(
+            db,
+            "update images set taken_at = ?, taken_from = ? where id = ?",
+            [(at, source, image_id) for image_id, (at, source) in dates.items()],
+        )
+        _seal(db, "images", dates)
 
 
 def update_labels(db: sqlite_utils.Database, changes: dict[int, str | None]) -> None:

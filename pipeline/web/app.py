@@ -21,7 +21,7 @@ from pipeline import api, files
 from pipeline.api.session import Session
 from pipeline.config import Settings
 from pipeline.errors import NotFoundError
-from pipeline.web import auth, carry, dedup_routes, params
+from pipeline.web import auth, carry, dedup_routes, edit_routes, filter_form, params
 from pipeline.web.carry import CarriedQuery
 from pipeline.web.failures import BadRequest, status_and_message
 from pipeline.web.params import MAX_K, SearchParams
@@ -57,6 +57,8 @@ def create_app(
     decode_slots: int | None = None,
     busy_wait_s: float = BUSY_WAIT_S,
     moves_to: str | Path | None = None,
+    uploads_to: str | Path | None = None,
+    delete_files: bool = False,
 ) -> Flask:
     """The web app over a session: an open collection and its loaded model (api.session).
 
@@ -68,9 +70,16 @@ def create_app(
     The model is warmed up and the default index loaded before this returns.
     Files are moved (the review page of duplicates) only with `moves_to`, a folder,
     and then only for requests that carry the token (so it needs one).
+    Images are added and removed (`POST /api/images`, `DELETE /api/images/ID`) only
+    with `uploads_to`, the folder uploads are stored in, and a token; their files are
+    deleted only with `delete_files`, and only inside it (pipeline/web/edit_routes.py).
     """
     if moves_to is not None and not token:
         raise ValueError("moving files from the web needs a token")
+    if uploads_to is not None and not token:
+        raise ValueError("adding and removing images from the web needs a token")
+    if delete_files and uploads_to is None:
+        raise ValueError("deleting files from the web needs an uploads folder")
     slots = DecodeSlots(decode_slots or cores(), pixel_budget, busy_wait_s)
     service = Service(session, settings, slots, thumbs_dir)
     service.warm_up()
@@ -87,6 +96,9 @@ def create_app(
     _pages(app, service, max_upload)
     _api(app, service)
     dedup_routes.install(app, service, Path(moves_to).absolute() if moves_to else None)
+    edit_routes.install(
+        app, service, Path(uploads_to).absolute() if uploads_to else None, delete_files
+    )
     return app
 
 
@@ -161,6 +173,7 @@ def _results_page(
         # Marks on results no longer shown still count: the form sends them again.
         kept_relevant=[i for i in chosen.relevant if i not in shown],
         kept_not_relevant=[i for i in chosen.not_relevant if i not in shown],
+        **filter_form.fields(service, chosen),
     )
 
 
@@ -180,7 +193,7 @@ def _pages(app: Flask, service: Service, max_upload: int) -> None:
             "browse.html", rows=rows[(page - 1) * PER_PAGE : page * PER_PAGE], labels=labels,
             label=label, page=page, pages=pages, total=len(rows), max_upload=max_upload,
             k=s.k, max_k=MAX_K, index=s.index, indexes=service.index_names(), rerank=s.rerank,
-            rerank_choices=RERANK_CHOICES,
+            rerank_choices=RERANK_CHOICES, **filter_form.fields(service),
         )  # fmt: skip
 
     @app.get("/image/<id:image_id>")

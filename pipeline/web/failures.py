@@ -1,8 +1,8 @@
 """HTTP status by kind of error, each with a one-line message.
 
 400 bad input, 401 no token, 403 not allowed by this server, 404 unknown id, 409 stale
-index, 413 too large (werkzeug's), 503 busy or not ready, 500 an integrity failure or a
-bug (whose traceback goes to the log, never to the client).
+index, 413 too large (werkzeug's), 503 busy (decode slots, another writer) or not ready,
+500 an integrity failure or a bug (whose traceback goes to the log, never to the client).
 """
 
 from __future__ import annotations
@@ -12,7 +12,13 @@ import re
 import sqlite3
 
 from pipeline import errors
-from pipeline.errors import CatalogNotReady, CbirError, NotFoundError, StaleIndexError
+from pipeline.errors import (
+    CatalogNotReady,
+    CbirError,
+    NotFoundError,
+    StaleIndexError,
+    WriterBusy,
+)
 from pipeline.web.slots import Busy
 
 log = logging.getLogger("cbir")
@@ -44,6 +50,8 @@ def status_and_message(e: Exception) -> tuple[int, str]:
         return 503, str(e)
     if isinstance(e, CatalogNotReady):  # before CbirError: it is one
         return 503, CATALOG_BUSY
+    if isinstance(e, WriterBusy):  # another job writes (a CLI `cbir index`): retry later
+        return 503, "another job is writing the catalog; retry when it is done"
     if isinstance(e, NotFoundError):
         return 404, str(e)
     if isinstance(e, StaleIndexError):

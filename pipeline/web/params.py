@@ -2,9 +2,11 @@
 
 The same options as `cbir search`: -k, --index, --rerank, --shortlist,
 --rotations (a form field; the JSON API's queries are ids, never turned),
---relevant, --not-relevant (and --allow-stale for the JSON API). Each value is
-checked against the same specs as the CLI's (pipeline/specs.py); the web
-caps k lower, since every result is a row to look up and, on a page, an image.
+--relevant, --not-relevant (and --allow-stale for the JSON API), --min-score,
+and the filter --under, --label (each one value or several), --since, --until.
+Each value is checked against the same specs as the CLI's (pipeline/specs.py;
+the filter by `api.make_filter`); the web caps k lower, since every result is a
+row to look up and, on a page, an image.
 """
 
 from __future__ import annotations
@@ -14,13 +16,17 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from pipeline import specs
+from pipeline import api, specs
 from pipeline.config import Settings
+from pipeline.errors import CbirError
 from pipeline.web.failures import BadRequest
 
 MAX_K = 1000
 MAX_FEEDBACK = 1000  # marked ids per list: each is a stored vector read per search
-JSON_KEYS = ("id", "k", "index", "rerank", "shortlist", "relevant", "not_relevant", "allow_stale")
+JSON_KEYS = (
+    "id", "k", "index", "rerank", "shortlist", "relevant", "not_relevant", "allow_stale",
+    "min_score", "under", "label", "since", "until",
+)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -35,6 +41,13 @@ class SearchParams:
     relevant: tuple[int, ...] = ()
     not_relevant: tuple[int, ...] = ()
     allow_stale: bool = False
+    min_score: float | None = None
+    within: api.Filter = api.Filter()  # the filter, checked (`make_filter`)
+    # The filter as the request wrote it, for the page's fields to send again.
+    under: tuple[str, ...] = ()
+    label: tuple[str, ...] = ()
+    since: str = ""
+    until: str = ""
 
     def settings(self, base: Settings) -> Settings:
         """`base` with this request's choices, checked together as the CLI checks them.
@@ -44,7 +57,7 @@ class SearchParams:
         """
         changes = {
             key: getattr(self, key)
-            for key in ("k", "index", "rerank", "shortlist", "rotations")
+            for key in ("k", "index", "rerank", "shortlist", "rotations", "min_score")
             if getattr(self, key) is not None
         }
         if not changes:
@@ -55,6 +68,7 @@ class SearchParams:
             "rerank": base.rerank,
             "shortlist": base.shortlist,
             "rotations": base.rotations,
+            "min_score": base.min_score,
         }
         merged.update(changes)
         if self.shortlist is None:
@@ -97,6 +111,34 @@ def _shortlist(value: Any) -> int:
     return specs.check("shortlist", integer(value))
 
 
+# A number as a request sends it, in ASCII (float() alone also reads other scripts' digits).
+_NUMBER = re.compile(r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]{1,3})?")
+
+
+def _min_score(value: Any) -> float:
+    if isinstance(value, str) and _NUMBER.fullmatch(value.strip()):
+        value = float(value)
+    return specs.check("min_score", value)
+
+
+def _filter(under: Any, label: Any, since: Any, until: Any) -> dict[str, Any]:
+    """The filter fields of a request, checked: the `Filter` and its values as written."""
+    for name, value in (("since", since), ("until", until)):
+        if value is not None and not isinstance(value, str):
+            raise BadRequest(f"{name} must be a date like 2024-05-01, as text")
+    try:
+        within = api.make_filter(under, label, since or None, until or None)
+    except CbirError as e:
+        raise BadRequest(str(e)) from None
+    return {
+        "within": within,
+        "under": tuple(under) if isinstance(under, list | tuple) else (under,) if under else (),
+        "label": tuple(label) if isinstance(label, list | tuple) else (label,) if label else (),
+        "since": since or "",
+        "until": until or "",
+    }
+
+
 def catalog_ids(name: str, values: list[Any], limit: int = MAX_FEEDBACK) -> tuple[int, ...]:
     """Catalog ids from a JSON list or form values (each may be 'a,b,c'), at most `limit`."""
     ids: list[int] = []
@@ -134,6 +176,13 @@ def from_form(form: Mapping[str, Any]) -> SearchParams:
         else None,
         relevant=catalog_ids("relevant", form.getlist("relevant")),
         not_relevant=catalog_ids("not_relevant", form.getlist("not_relevant")),
+        min_score=_min_score(given("min_score")) if given("min_score") is not None else None,
+        **_filter(
+            [v for v in form.getlist("under") if v],
+            [v for v in form.getlist("label") if v],
+            given("since"),
+            given("until"),
+        ),
     )
     _checked_feedback(params.relevant, params.not_relevant)
     return params
@@ -167,6 +216,8 @@ def from_json(body: Any) -> tuple[int, SearchParams]:
         relevant=listed("relevant"),
         not_relevant=listed("not_relevant"),
         allow_stale=allow_stale,
+        min_score=_min_score(body["min_score"]) if body.get("min_score") is not None else None,
+        **_filter(body.get("under"), body.get("label"), body.get("since"), body.get("until")),
     )
     _checked_feedback(params.relevant, params.not_relevant)
     return image_id, params

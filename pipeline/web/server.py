@@ -3,7 +3,9 @@
 The collection is opened and the model loaded once (a batch of 1), warmed
 up, then shared by `threads` worker threads. Bound to anything but a
 loopback address, the server requires a token unless told `--no-auth`; it moves
-files (the review page of duplicates) only with `--allow-moves DIR`, and a token.
+files (the review page of duplicates) only with `--allow-moves DIR`, and adds and
+removes images (`POST /api/images`, `DELETE /api/images/ID`) only with `--uploads DIR`,
+each with a token.
 """
 
 from __future__ import annotations
@@ -28,11 +30,12 @@ DEFAULT_THREADS = 8
 
 
 def required_token(
-    host: str, token: str | None, no_auth: bool, allow_moves: bool = False
+    host: str, token: str | None, no_auth: bool, allow_moves: bool = False, uploads: bool = False
 ) -> str | None:
     """The token requests must carry, or None; refuses to expose a collection unguarded,
-    and to move files (`--allow-moves`) for anyone without one: on a loopback address
-    with no token, any page in a browser on this machine could post to the server."""
+    and to move files (`--allow-moves`) or add and remove images (`--uploads`) for anyone
+    without one: on a loopback address with no token, any page in a browser on this
+    machine could post to the server."""
     if token is not None and (not token or any(c.isspace() or not c.isprintable() for c in token)):
         raise CbirError("the token must be printable text without spaces (--token or CBIR_TOKEN)")
     if token and no_auth:
@@ -46,6 +49,11 @@ def required_token(
         raise CbirError(
             "--allow-moves needs a token (--token or CBIR_TOKEN): only requests carrying it "
             "may move files"
+        )
+    if uploads and not token:
+        raise CbirError(
+            "--uploads needs a token (--token or CBIR_TOKEN): only requests carrying it "
+            "may add or remove images, on any address"
         )
     return token or None
 

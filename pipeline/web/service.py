@@ -68,8 +68,9 @@ class Service:
                     raise BadRequest(f"cannot use query image {query.name}: {e}") from None
             query = api.Pixels(query.name, decoded)
         answer = self.session.search(
-            query, settings, allow_stale=params.allow_stale, **params.feedback()
-        )
+            query, settings, allow_stale=params.allow_stale, within=params.within,
+            **params.feedback(),
+        )  # fmt: skip
         if "error" in answer:
             raise BadRequest(answer["error"])
         return answer

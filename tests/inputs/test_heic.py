@@ -103,3 +103,18 @@ def test_index_and_search_heic_and_avif(tmp_path):
         top = [Path(x["path"]).name for x in answer["results"][:2]]
         assert set(top) == {query, twin}, (query, answer["results"])
         assert answer["results"][1]["score"] > 0.99
+
+
+def test_a_heic_thumbnail_is_never_decoded_in_place_of_the_picture(tmp_path):
+    """pillow-heif's draft mode would hand back the embedded thumbnail, which an editor
+    may have left stale: a HEIC decodes from its picture, so one written with a thumbnail
+    gives exactly the pixels of the same picture written without one."""
+    pixels = np.random.default_rng(7).integers(0, 256, (480, 640, 3), dtype=np.uint8)
+    for name, thumbs in (("plain.heic", []), ("thumbed.heic", [320])):
+        pillow_heif.from_pillow(Image.fromarray(pixels)).save(
+            tmp_path / name, quality=90, thumbnails=thumbs
+        )
+    assert pillow_heif.open_heif(tmp_path / "thumbed.heic").info.get("thumbnails")
+    plain = decode_file(str(tmp_path / "plain.heic"), MAX_PIXELS).pixels
+    thumbed = decode_file(str(tmp_path / "thumbed.heic"), MAX_PIXELS).pixels
+    assert np.array_equal(plain, thumbed)

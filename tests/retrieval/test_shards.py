@@ -426,6 +426,7 @@ def crash_base(tmp_path: Path) -> Path:
     return base
 
 
+@pytest.mark.slow  # a crash suite: a child process per write step
 def test_crash_at_every_step_of_a_sharded_build(tmp_path):
     base = crash_base(tmp_path)
 
@@ -437,6 +438,7 @@ def test_crash_at_every_step_of_a_sharded_build(tmp_path):
     print(f"sharded build: {n} crash points")
 
 
+@pytest.mark.slow  # a crash suite: a child process per write step
 def test_crash_at_every_step_of_an_update(tmp_path):
     base = crash_base(tmp_path)
     fakes.make_images(base / "more", 10, seed=4)

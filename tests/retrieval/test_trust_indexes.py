@@ -25,7 +25,7 @@ import fakes
 from fakes import cli, ok, one_line_error, opts
 from pipeline import api
 from pipeline.retrieval import factories, index_files, indexes, whitening, whitening_fit
-from pipeline.store import catalog, collection, reads
+from pipeline.store import catalog, collection, reads, schema
 
 
 @pytest.fixture(autouse=True)
@@ -160,7 +160,9 @@ def test_catalog_written_before_digests_is_served_and_verify_says_so(state):
     assert "index od: no digest recorded" in out and "'cbir build-index od'" in out
     # A writer upgrades the schema; the old records stay without digests and still serve.
     ok(cli("build-index", "ivf", *opts(state)), "rebuild ivf")
-    assert reads.get_meta_int(catalog.open_reader(state / "c.db"), "schema_version") == 5
+    db = catalog.open_reader(state / "c.db")
+    assert reads.get_meta_int(db, "schema_version") == schema.SCHEMA_VERSION
+    db.conn.close()
     assert record(state, "od")["digest"] is None and record(state, "ivf")["digest"]
     assert ok(cli("search", "--id", 3, "--index", "od", "--json", *opts(state))) == want
 

@@ -345,6 +345,7 @@ def test_api_checks_the_same_values(state):
 # --- crash safety --------------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # a crash suite: a child process per write step
 def test_crash_at_every_step_of_a_whitened_build(state, tmp_path):
     """A whitened rebuild (and its --save-whitening file) killed after each write step
     leaves the old index or the new one, both searchable and verified, and no temporaries."""

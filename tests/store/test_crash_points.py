@@ -165,3 +165,20 @@ def test_crash_at_every_step_of_build_index(tmp_path):
     command = ["build-index", "ivf", "--factory", "IVF4,Flat", "--nprobe", "2"]
     n = crash_every_step(tmp_path, base, command, check=searchable)
     print(f"build-index: {n} crash points")
+
+
+@pytest.mark.slow
+def test_crash_at_every_step_of_a_job_that_moves_images(tmp_path):
+    imgs = image_folder(tmp_path / "imgs", 12)
+    base = tmp_path / "base"
+    assert run_child([*index_cmd(imgs), *opts(base)]).returncode == 0
+    red, blue = imgs / "red", imgs / "blue"
+    (red / "img0_0001.jpg").rename(red / "renamed.jpg")  # the same inode
+    (blue / "img0_0002.jpg").rename(red / "img0_0003.jpg")  # over a catalogued image
+    shutil.copy(blue / "img0_0004.jpg", blue / "rewritten.jpg")  # same bytes, another inode
+    (blue / "img0_0004.jpg").unlink()
+    fakes.make_images(tmp_path / "more", 2, seed=5)  # and new images in the same job
+    for p in (tmp_path / "more").rglob("*.jpg"):
+        shutil.copy(p, imgs / p.parent.name / p.name)
+    n = crash_every_step(tmp_path, base, index_cmd(imgs, extra=("--prune",)))
+    print(f"moving job: {n} crash points")
