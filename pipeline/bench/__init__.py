@@ -10,6 +10,8 @@
 - serve: requests/s, p50 and p99 of a real local web server;
 - edits, duplicates, duplicates_scale: precision and recall of `cbir duplicates`
   on edited copies made with Pillow, and its time at up to a million vectors.
+- verify: what local-feature verification of the top N gains on Holidays, UKBench,
+  Corel and edited copies, and its seconds per query.
 
 May import web, api and every layer below them; only cli may import it.
 """

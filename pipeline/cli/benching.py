@@ -10,6 +10,7 @@ import click
 
 from pipeline import api
 from pipeline.cli.benching_quality import bench_duplicates_cmd, bench_scores_cmd
+from pipeline.cli.benching_verify import bench_verify_cmd
 from pipeline.cli.options import (
     CommaList,
     CountRange,
@@ -28,9 +29,10 @@ def bench_group() -> None:
     """Benchmarks that print figures."""
 
 
-# The quality benchmarks on the shared datasets live in their own module.
+# The quality benchmarks on the shared datasets live in their own modules.
 bench_group.add_command(bench_duplicates_cmd)
 bench_group.add_command(bench_scores_cmd)
+bench_group.add_command(bench_verify_cmd)
 
 
 @bench_group.command("extract")
