@@ -78,6 +78,8 @@ class Settings:
     rerank_n: int = 10
     rerank_alpha: float = 3.0
     shortlist: int = 100
+    # `rerank` "verify": candidates of the first pass checked by local features
+    verify_n: int = 50
     # query-time rotations (degrees) of image queries, for photos stored sideways without an
     # EXIF tag: each image keeps its best score; 4 angles = 4x the query embedding and search
     rotations: str = "0"

@@ -30,7 +30,11 @@ INPUTS = ("crop", "whole")
 RUNTIMES = ("auto", "keras", "openvino")
 PRECISIONS = ("auto", "fp32", "bf16", "int8")
 ENGINES = ("local", "ray")
-RERANK_METHODS = ("dba", "aqe")  # in the order they apply: DBA first, then QE on its vectors
+# In the order they apply: DBA first, then QE on its vectors, then local-feature
+# verification (`retrieval.verify`) of the final order's top `verify_n`.
+RERANK_METHODS = ("dba", "aqe", "verify")
+VECTOR_RERANK = ("dba", "aqe")  # what `ranking.ranked` does on vectors
+RERANK_TEXT = "'' (none), 'dba', 'aqe', 'dba+aqe', 'verify' or any of them +verify"
 EVALUATION_METHODS = ("resnet50", "color", "hybrid")
 # Query rotations: "0" = off; each other choice lists the angles (degrees counter-clockwise).
 ROTATIONS = ("0", "0,90,180,270", "0,90,270")
@@ -70,7 +74,7 @@ class Spec:
             "str": "a string",
             "path": "a non-empty path (no NUL characters)",
             "choice": "one of " + ", ".join(self.choices),
-            "rerank": "'' (none), 'dba', 'aqe' or 'dba+aqe'",
+            "rerank": RERANK_TEXT,
             "roots": "a folder, image or manifest CSV, or a list of them",
         }[self.kind]
 
@@ -111,6 +115,9 @@ SPEC: dict[str, Spec] = {
     # similarity ** alpha: beyond ~100 every weight but the query's own is 0.
     "rerank_alpha": Spec("float", 0, 100),
     "shortlist": Spec("int", 1, 10_000),
+    # Candidates verified by local features (`--rerank verify`): ~2.4 ms each when cached,
+    # ~10 ms each from the file (docs/usage.md); 1,000 is ~10 s of a cold query.
+    "verify_n": Spec("int", 1, 1000),
     "rotations": Spec("choice", choices=ROTATIONS),
     "min_score": Spec("float", -1, 1),  # a cosine similarity
     "roots": Spec("roots"),
@@ -189,15 +196,16 @@ def rotation_angles(value: str) -> tuple[int, ...]:
 
 
 def parse_rerank(value: str | Sequence[str] | None) -> tuple[str, ...]:
-    """'dba+aqe' or ['dba', 'aqe'] -> ('dba', 'aqe'); unknown names are an error."""
+    """'dba+aqe' or ['dba', 'aqe'] -> ('dba', 'aqe'); 'verify+dba' -> ('dba', 'verify');
+    unknown names are an error."""
     if not value:
         return ()
     names = value.replace(",", "+").split("+") if isinstance(value, str) else list(value)
     names = [n.strip().lower() for n in names if n.strip() and n.strip().lower() != "none"]
     for n in names:
         if n not in RERANK_METHODS:
-            raise CbirError(f"unknown re-ranking {n!r}: use dba, aqe or dba+aqe")
-    return tuple(m for m in RERANK_METHODS if m in names)  # DBA first, then QE on its vectors
+            raise CbirError(f"unknown re-ranking {n!r}: use {RERANK_TEXT}")
+    return tuple(m for m in RERANK_METHODS if m in names)  # DBA, QE on its vectors, verify
 
 
 def _number(x: float | None) -> str:
@@ -293,7 +301,8 @@ def validate(values: dict[str, Any], where: str = "") -> dict[str, Any]:
     if (
         values.get("rerank")
         and values.get("shortlist", 0) < values.get("k", 0)
-        and parse_rerank(values["rerank"])  # "none" re-ranks nothing
+        # "none" re-ranks nothing; verification alone needs no shortlist of vectors
+        and set(parse_rerank(values["rerank"])) & set(VECTOR_RERANK)
     ):
         raise CbirError(
             f"{where}shortlist ({values['shortlist']}) must be at least k ({values['k']}) "

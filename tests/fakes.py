@@ -90,6 +90,19 @@ class FakeEmbedder:
             )
         return l2_normalize(self.model.predict_on_batch(preprocess(pixels)))
 
+    def maps(self, pixels: np.ndarray) -> np.ndarray:
+        """Feature maps like a runtime's ResNet50 without pooling: (n, 7, 7, 2048), each
+        location the fake model's projection of its own 32x32 cell's 8x8 thumbnail."""
+        from PIL import Image
+
+        pixels = np.stack(
+            [np.asarray(Image.fromarray(np.asarray(p)).resize((224, 224))) for p in pixels]
+        )
+        n = len(pixels)
+        cells = preprocess(pixels).reshape(n, 7, 8, 4, 7, 8, 4, 3).mean(axis=(3, 6))
+        cells = cells.transpose(0, 1, 4, 2, 5, 3).reshape(n, 7, 7, 192)
+        return np.abs(cells @ self.model.projection) + 1e-3
+
 
 def fake_embedder(batch_size: int = 32, pooling: str = "avg", delay: float = 0.0) -> Embedder:
     return FakeEmbedder(batch_size, delay)
@@ -133,6 +146,31 @@ def make_images(folder: Path, n: int, seed: int = 0, size: int = 48) -> list[Pat
         Image.fromarray(pixels).save(path, quality=90)
         out.append(path)
     return out
+
+
+# The known warp of `warped_pair`'s copy: a slight rotation, scale and perspective.
+WARP = np.array([[0.9, 0.12, 30.0], [-0.08, 0.95, 20.0], [0.0002, 0.0001, 1.0]])
+
+
+def warped_pair(folder: Path, size: tuple[int, int] = (360, 270), seed: int = 7) -> None:
+    """folder/original.png, a texture of many corners (noise, rectangles, discs), and
+    folder/warped.png, it warped by WARP: a pair that local features verify."""
+    import cv2
+    from PIL import Image
+
+    w, h = size
+    rng = np.random.default_rng(seed)
+    im = cv2.GaussianBlur(rng.integers(0, 255, (h, w, 3), dtype=np.uint8), (5, 5), 0)
+    for _ in range(40):
+        x, y = int(rng.integers(0, w - 20)), int(rng.integers(0, h - 20))
+        colour = tuple(int(c) for c in rng.integers(0, 255, 3))
+        if rng.random() < 0.5:
+            cv2.rectangle(im, (x, y), (x + int(rng.integers(8, 40)), y + 20), colour, -1)
+        else:
+            cv2.circle(im, (x, y), int(rng.integers(4, 18)), colour, -1)
+    folder.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(im).save(folder / "original.png")
+    Image.fromarray(cv2.warpPerspective(im, WARP, (w, h))).save(folder / "warped.png")
 
 
 def index_record(state: Path, name: str) -> dict | None:

@@ -41,6 +41,14 @@ from pipeline.api.dedup_export import chosen_moves
 from pipeline.api.dedup_export import write_csv as write_duplicates_csv
 from pipeline.api.editing import add_uploads, check_upload, remove_images
 from pipeline.api.experiments import evaluate, train
+from pipeline.api.explain_pictures import render_heatmap, render_matches, render_result
+from pipeline.api.explaining import (
+    Explanation,
+    explain,
+    explain_in,
+    explanation_in,
+    explanations,
+)
 from pipeline.api.frontends import (
     DEFAULT_SHRINKAGE,
     DEFAULT_WHITEN_DIM,
@@ -81,6 +89,7 @@ __all__ = [
     "SHRINKAGE_SPEC",
     "WHITEN_DIM_SPEC",
     "Batch",
+    "Explanation",
     "Pixels",
     "Query",
     "Upload",
@@ -100,6 +109,10 @@ __all__ = [
     "embedder_args",
     "embedder_for",
     "evaluate",
+    "explain",
+    "explain_in",
+    "explanation_in",
+    "explanations",
     "index",
     "info",
     "info_in",
@@ -112,6 +125,9 @@ __all__ = [
     "parse_size",
     "producer_choice",
     "remove_images",
+    "render_heatmap",
+    "render_matches",
+    "render_result",
     "search",
     "search_in",
     "settings_for",

@@ -23,8 +23,9 @@ from pipeline.embed.interface import Embedder
 from pipeline.errors import CbirError, NotFoundError
 from pipeline.inputs.decode import DecodeError, decode_bytes, decode_file
 from pipeline.inputs.scan import no_images, scan
-from pipeline.retrieval import factories, filters, indexes, ranking, rerank
+from pipeline.retrieval import factories, filters, indexes, ranking, rerank, verified
 from pipeline.retrieval.filters import Filter, make_filter
+from pipeline.retrieval.local_features import FeatureCache
 from pipeline.retrieval.restricted import Restricted
 from pipeline.store import reads
 from pipeline.store.collection import Collection
@@ -53,6 +54,9 @@ class Pixels:
 
     name: str
     pixels: np.ndarray
+    # The image's own bytes, if the caller kept them: `--rerank verify` finds its local
+    # features there (the model's 224 x 224 input holds too few); without them, in `pixels`.
+    source: bytes | None = None
 
 
 Query = int | str | Upload | Pixels
@@ -98,6 +102,7 @@ def search_in(
     relevant=(),
     not_relevant=(),
     within: Filter | None = None,
+    features: FeatureCache | None = None,
 ) -> list[dict[str, Any]]:
     """Top-k results of each query (catalog id, image file, upload or decoded pixels).
 
@@ -105,7 +110,11 @@ def search_in(
     for an image that cannot be decoded, "error" instead of results.
     `embedder` is called only if some query is an image. `relevant` /
     `not_relevant` are ids the user marked (Rocchio feedback); settings
-    `rerank` ("dba", "aqe", "dba+aqe") and `shortlist` re-rank.
+    `rerank` ("dba", "aqe", "dba+aqe") and `shortlist` re-rank; "verify" (alone or
+    after them) re-orders the top `verify_n` by matched local features
+    (`retrieval.verified`: scores stay cosines, checked results get "inliers" and
+    "verified", lines about unverified files go in "notices"). `features` caches indexed
+    images' local features; None: the process's own (`verified.shared_cache`).
 
     Setting `rotations` ("0,90,180,270"): every image query is also embedded
     turned by each angle (`decode_file` / `decode_bytes` rotate before the crop;
@@ -132,7 +141,8 @@ def search_in(
     # Per answer, its query's vectors (one per angle; an id has one), None if undecodable.
     vecs: list[np.ndarray | None] = []
     pixels, pixel_slots = [], []
-    for q in _expand_queries(queries):
+    expanded = _expand_queries(queries)
+    for q in expanded:
         if isinstance(q, int):
             row = reads.lookup(coll.db, [q]).get(q)
             if row is None or row["status"] != "indexed":
@@ -171,7 +181,7 @@ def search_in(
             coll,
             index_obj,
             np.concatenate([vecs[i] for i in good]),
-            s.k,
+            verified.first_k(s),
             how=ranking.rerank_from(s),
             refine=int(in_force.get("refine", 1)),
             groups=[len(vecs[i]) for i in good] if len(angles) > 1 else None,
@@ -180,6 +190,8 @@ def search_in(
         )
         for i, results in zip(good, found, strict=True):
             answers[i]["results"] = results
+        if verified.wanted(s):
+            _verify(coll, [(answers[i], expanded[i]) for i in good], s, features)
     notice = _short_notice(restricted, s) if restricted is not None else None
     if notice:
         log.warning("%s", notice)
@@ -190,6 +202,28 @@ def search_in(
         if notice:
             a["notice"] = notice
     return answers
+
+
+def _verify(
+    coll: Collection, pairs: list[tuple[dict, Query]], s: Settings, features: FeatureCache | None
+) -> None:
+    """`--rerank verify` of each answer's results, from its query's image (see `verified`)."""
+    cache = features if features is not None else verified.shared_cache(s)
+    for answer, q in pairs:
+        if isinstance(q, Upload):
+            source: verified.Source = q.data
+        elif isinstance(q, Pixels):
+            source = q.source if q.source is not None else q.pixels
+        else:
+            source = q  # an indexed id (its file, checked against its row) or a file
+        notices: list[str] = []
+        answer["results"] = verified.rerank_results(
+            coll.db, source, str(answer["query"]), answer["results"], s, cache, notices
+        )
+        for line in dict.fromkeys(notices):  # once each, as the filter's notice
+            log.warning("%s", line)
+        if notices:
+            answer["notices"] = list(dict.fromkeys(notices))
 
 
 def _short_notice(restricted: Restricted, s: Settings) -> str | None:

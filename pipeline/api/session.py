@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.api import checks, models, searching
+from pipeline.api import checks, explaining, models, searching
 from pipeline.api.batcher import MicroBatcher
 from pipeline.api.dedup_cache import DuplicatesCache
 from pipeline.config import Settings
@@ -109,6 +109,15 @@ class Session:
                 self.coll, [query], settings, lambda: self.embedder, allow_stale=allow_stale,
                 relevant=relevant, not_relevant=not_relevant, within=within,
             )[0]  # fmt: skip
+
+    def explain(
+        self, query: int | searching.Upload, image_id: int, settings: Settings, matches: bool = True
+    ) -> explaining.Explanation:
+        """Why `image_id` answers `query` (api/explaining.py), from one moment of the catalog."""
+        with self.coll.snapshot():
+            return explaining.explanation_in(
+                self.coll, query, image_id, settings, lambda: self.embedder, matches=matches
+            )
 
     # --- rows, indexes, the collection ---------------------------------------------------
 

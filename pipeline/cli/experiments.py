@@ -40,7 +40,18 @@ from pipeline.specs import OPTIONS, SPEC
     "(Holidays, UKBench); reports mAP (query excluded) and the N-S score (top 4).",
 )
 @click.option("--index", default=None, help="Evaluate an approximate index (adds recall@10).")
-@click.option("--rerank", default=None, help="Re-rank as in search: dba, aqe, dba+aqe.")
+@click.option(
+    "--rerank",
+    default=None,
+    help="Re-rank as in search: dba, aqe, dba+aqe, and verify alone or last (dba+verify).",
+)
+@click.option(
+    "--verify-n",
+    "verify_n",
+    type=typed(SPEC["verify_n"]),
+    default=None,
+    help=f"Candidates that --rerank verify checks [default {DEFAULTS['verify_n']}].",
+)
 @click.option(
     "--rotations",
     type=typed(SPEC["rotations"]),

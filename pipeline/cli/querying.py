@@ -8,7 +8,9 @@ import sys
 import click
 
 from pipeline import api
+from pipeline.cli import explaining
 from pipeline.cli.options import (
+    WritablePath,
     common_options,
     descriptor_options,
     runtime_options,
@@ -35,12 +37,26 @@ from pipeline.specs import OPTIONS, SPEC
 @click.option("--index", default=None, help="'exact' (default) or the name of a built index.")
 @click.option("--json", "as_json", is_flag=True, help="JSON Lines: one line per query.")
 @click.option("--allow-stale", is_flag=True, help="Search an approximate index even if stale.")
-@click.option("--rerank", default=None, help="Re-rank: 'dba', 'aqe' or 'dba+aqe' [default none].")
+@click.option(
+    "--rerank",
+    default=None,
+    help="Re-rank: 'dba', 'aqe' or 'dba+aqe'; 'verify' (alone or last: 'dba+verify') checks "
+    "the top --verify-n by matched local features, for pictures of the same object or "
+    "place; scores stay cosines [default none].",
+)
 @click.option(
     "--shortlist",
     type=typed(SPEC["shortlist"]),
     default=None,
     help=f"Candidates to re-rank [default {DEFAULTS['shortlist']}].",
+)
+@click.option(
+    "--verify-n",
+    "verify_n",
+    type=typed(SPEC["verify_n"]),
+    default=None,
+    help="Candidates that --rerank verify checks, about 2-10 ms each "
+    f"[default {DEFAULTS['verify_n']}].",
 )
 @click.option(
     "--rotations",
@@ -98,14 +114,31 @@ from pipeline.specs import OPTIONS, SPEC
     help="Leave out results whose score (cosine similarity, after re-ranking) is below "
     f"this [default {DEFAULTS['min_score']:g}: keep all].",
 )
+@click.option(
+    "--explain",
+    "explain_dir",
+    type=WritablePath(folder=True),
+    metavar="DIR",
+    default=None,
+    help="Also write, for each result, why it matched: DIR/<query>/<rank>-<id>-matches.png "
+    "(the verified local-feature matches), -heat.png (where the result agrees with the "
+    "query's vector) and .json; about 0.1-0.3 s per result.",
+)
 @search_param_options
 @descriptor_options
 @runtime_options
 @common_options
-def search_cmd(queries: tuple[str, ...], ids: tuple[int, ...], as_json: bool, **options) -> None:
+def search_cmd(
+    queries: tuple[str, ...],
+    ids: tuple[int, ...],
+    as_json: bool,
+    explain_dir: str | None,
+    **options,
+) -> None:
     """Top-k most similar images for image files, folders of images, or --id N."""
     if not queries and not ids:
         raise CbirError("give a query image, a folder of images, or --id N")
+    explain_to = explaining.checked_folder(explain_dir) if explain_dir else None
     answers = api.search([*queries, *ids], **options)
     bad = 0
     for a in answers:
@@ -124,9 +157,14 @@ def search_cmd(queries: tuple[str, ...], ids: tuple[int, ...], as_json: bool, **
             click.echo(f"  filter: {_filter_text(a['filter'])}")
         click.echo(f"  {'rank':>4}  {'score':>7}  {'label':<14} path")
         for r in a["results"]:
+            matches = f"  ({r['inliers']} matches)" if "inliers" in r else ""
             click.echo(
                 f"  {r['rank']:>4}  {r['score']:7.4f}  {str(r['label'] or '-'):<14} {r['path']}"
+                + matches
             )
+    if explain_to is not None:
+        n = explaining.write_explanations(explain_to, answers, **options)
+        click.echo(f"explained {n} results in {explain_to}", err=True)
     if bad:
         sys.exit(2)
 

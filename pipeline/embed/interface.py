@@ -64,6 +64,15 @@ class MapsEmbedder:
         return describe(list(pixels), self.descriptor, self.maps, self.batch_size)
 
 
+def maps_of(embedder: Any) -> Callable[[np.ndarray], np.ndarray] | None:
+    """The embedder's ResNet50 without pooling (uint8 (n, h, w, 3) -> (n, h', w', 2048)), for
+    the explain view's heat map; None where the model pools inside (the classic 224 crop:
+    `KerasEmbedder`, OpenVINO's fast model): a second model only for a heat map is not
+    worth its load time and memory on a descriptor that is not the default."""
+    maps = getattr(embedder, "maps", None)  # a MicroBatcher passes its model's through
+    return maps if callable(maps) else None
+
+
 # What produced a catalog's vectors before producers were recorded.
 KERAS_FP32 = {"runtime": "keras", "precision": "fp32", "calibration": None}
 

@@ -29,6 +29,7 @@ from pipeline.config import Settings
 from pipeline.embed import descriptor
 from pipeline.errors import CbirError
 from pipeline.evaluation import common
+from pipeline.evaluation.verifying import Verifying
 from pipeline.inputs.decode import DecodeError, decode_file
 from pipeline.inputs.groundtruth import load_groundtruth
 from pipeline.retrieval import indexes, metrics
@@ -109,6 +110,7 @@ def evaluate_instances(
     if len(angles) > 1 and method != "resnet50":
         raise CbirError("--rotations turns the queries for the model: use --method resnet50")
     how = rerank_from(settings)
+    verify = Verifying(coll.db, settings)  # `--rerank verify`: after `ranked`, per query
     coll.refuse_damaged()  # a figure over fewer images than indexed is a wrong answer
     ids = coll.indexed_ids()
     if not len(ids):
@@ -151,11 +153,13 @@ def evaluate_instances(
             found, found_scores = ranked(index, lookup, lookup(q_ids), n, how)
         for q, row, sc in zip(q_ids.tolist(), found, found_scores, strict=True):
             keep = row >= 0
-            per_query.append(score_query(q, row[keep], sc[keep], truth.relevant[q], paths))
+            row, sc = verify(q, row[keep], sc[keep])
+            per_query.append(score_query(q, row, sc, truth.relevant[q], paths))
 
     result: dict[str, Any] = {"method": method, "rerank": "+".join(how.methods) or "none"}
     if how.methods:
         result["rerank_n"], result["rerank_alpha"] = how.n, how.alpha
+    verify.describe(result)
     result.update(
         {
             "rotations": settings.rotations,

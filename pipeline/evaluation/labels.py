@@ -22,6 +22,7 @@ from pipeline.config import Settings
 from pipeline.errors import CbirError
 from pipeline.evaluation import common
 from pipeline.evaluation.common import decode_shape, descriptors, flat_ranker, unusable_queries
+from pipeline.evaluation.verifying import Verifying
 from pipeline.inputs.scan import csv_columns, read_label_csv, scan
 from pipeline.retrieval import indexes, metrics
 from pipeline.retrieval.ranking import ranked, rerank_from
@@ -92,6 +93,7 @@ def evaluate_labels(
         )
     how = rerank_from(settings)
     db = coll.db
+    verify = Verifying(db, settings)  # `--rerank verify`: after `ranked`, per query
     coll.refuse_damaged()  # a figure over fewer images than indexed is a wrong answer
     ids = coll.indexed_ids()
     if not len(ids):
@@ -160,6 +162,9 @@ def evaluate_labels(
             if leave_one_out:
                 keep &= row != queries.ids[qi]
             row, row_scores = row[keep], found_scores[j][keep]
+            # leave-one-out: the query is an indexed id (its file); else a query file
+            query = int(queries.ids[qi]) if leave_one_out else queries.paths[qi]
+            row, row_scores = verify(query, row, row_scores)
             rel = np.array([label_of[int(i)] == queries.labels[qi] for i in row], dtype=bool)
             total = int((db_labels == queries.labels[qi]).sum()) - (1 if leave_one_out else 0)
             per_query.append(
@@ -180,6 +185,7 @@ def evaluate_labels(
                     ],
                 }
             )
+    verify.describe(result)
     if approx is not None:
         result["recall_at_10"] = metrics.recall_at(approx_tops, exact_tops, 10)
     classes = sorted({q["label"] for q in per_query})

@@ -139,15 +139,20 @@ def file_features(path: str, max_pixels: int, params: Extraction = SIFT) -> tupl
     return extract(decoded.pixels, params), decoded.sha256
 
 
-def bytes_features(data: bytes, max_pixels: int, params: Extraction = SIFT) -> Features:
-    """Features of an uploaded image's bytes (a query), as `file_features` decodes a file."""
+def bytes_image(data: bytes, max_pixels: int, params: Extraction = SIFT) -> Decoded:
+    """An upload's bytes decoded as `feature_image` decodes a file."""
 
     def header() -> tuple[int, int]:
         with Image.open(io.BytesIO(data)) as im:
             return im.size
 
     side = _side(header, lambda: decode_bytes(data, max_pixels), params.max_side)
-    return extract(decode_bytes(data, max_pixels, size=side, crop=False).pixels, params)
+    return decode_bytes(data, max_pixels, size=side, crop=False)
+
+
+def bytes_features(data: bytes, max_pixels: int, params: Extraction = SIFT) -> Features:
+    """Features of an uploaded image's bytes (a query), as `file_features` decodes a file."""
+    return extract(bytes_image(data, max_pixels, params).pixels, params)
 
 
 def query_features(

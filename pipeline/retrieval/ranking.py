@@ -36,7 +36,7 @@ from pipeline.config import Settings
 from pipeline.errors import CbirError
 from pipeline.retrieval import rerank, whitening
 from pipeline.retrieval.restricted import Restricted
-from pipeline.specs import parse_rerank
+from pipeline.specs import VECTOR_RERANK, parse_rerank
 from pipeline.store import reads
 
 _DEFAULT = Settings()
@@ -68,9 +68,10 @@ class Rerank:
 
 
 def rerank_from(settings: Settings) -> Rerank:
-    """The re-ranking that settings ask for (rerank, rerank_n, rerank_alpha, shortlist)."""
+    """The re-ranking of vectors that settings ask for (rerank, rerank_n, rerank_alpha,
+    shortlist); "verify" needs the images, and is done on these results (`verified`)."""
     return Rerank(
-        methods=parse_rerank(settings.rerank),
+        methods=tuple(m for m in parse_rerank(settings.rerank) if m in VECTOR_RERANK),
         n=settings.rerank_n,
         alpha=settings.rerank_alpha,
         shortlist=settings.shortlist,

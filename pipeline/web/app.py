@@ -21,7 +21,15 @@ from pipeline import api, files
 from pipeline.api.session import Session
 from pipeline.config import Settings
 from pipeline.errors import NotFoundError
-from pipeline.web import auth, carry, dedup_routes, edit_routes, filter_form, params
+from pipeline.web import (
+    auth,
+    carry,
+    dedup_routes,
+    edit_routes,
+    explain_routes,
+    filter_form,
+    params,
+)
 from pipeline.web.carry import CarriedQuery
 from pipeline.web.failures import BadRequest, status_and_message
 from pipeline.web.params import MAX_K, SearchParams
@@ -30,7 +38,11 @@ from pipeline.web.slots import BUSY_WAIT_S, PIXEL_BUDGET, DecodeSlots, cores
 
 PER_PAGE = 48
 MAX_UPLOAD = 20 * 1024 * 1024
-RERANK_CHOICES = ("", "dba", "aqe", "dba+aqe")
+# "+verify": local-feature verification of the top verify_n, after the others.
+RERANK_CHOICES = (
+    *("", "dba", "aqe", "dba+aqe"),
+    *("verify", "dba+verify", "aqe+verify", "dba+aqe+verify"),
+)
 TEMPLATES = Path(__file__).resolve().parents[1] / "templates"
 
 
@@ -96,6 +108,7 @@ def create_app(
     _pages(app, service, max_upload)
     _api(app, service)
     dedup_routes.install(app, service, Path(moves_to).absolute() if moves_to else None)
+    explain_routes.install(app, service)
     edit_routes.install(
         app, service, Path(uploads_to).absolute() if uploads_to else None, delete_files
     )
@@ -227,14 +240,16 @@ def _pages(app: Flask, service: Service, max_upload: int) -> None:
         # A new upload, or the query a results page carries for another round.
         sent = _upload()
         chosen = params.from_form(request.form)
+        source = None  # the upload itself, kept only for --rerank verify's local features
         if sent is not None:
             carried = service.carry(sent[1], sent[0])
+            source = sent[0] if service.verifies(chosen) else None
             del sent  # the upload is not needed while the search runs and the page renders
         else:
             carried = carry.from_form(request.form)
             if carried is None:
                 raise BadRequest(NO_IMAGE)
-        answer = service.search_carried(carried, chosen)
+        answer = service.search_carried(carried, chosen, source)
         src = f"data:image/jpeg;base64,{carried.thumb_b64}"
         return _results_page(service, answer, chosen, src, carried=carried)
 

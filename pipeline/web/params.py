@@ -25,7 +25,7 @@ MAX_K = 1000
 MAX_FEEDBACK = 1000  # marked ids per list: each is a stored vector read per search
 JSON_KEYS = (
     "id", "k", "index", "rerank", "shortlist", "relevant", "not_relevant", "allow_stale",
-    "min_score", "under", "label", "since", "until",
+    "min_score", "under", "label", "since", "until", "verify_n",
 )  # fmt: skip
 
 
@@ -37,6 +37,7 @@ class SearchParams:
     index: str | None = None
     rerank: str | None = None
     shortlist: int | None = None
+    verify_n: int | None = None  # candidates `rerank` "verify" checks
     rotations: str | None = None
     relevant: tuple[int, ...] = ()
     not_relevant: tuple[int, ...] = ()
@@ -57,7 +58,7 @@ class SearchParams:
         """
         changes = {
             key: getattr(self, key)
-            for key in ("k", "index", "rerank", "shortlist", "rotations", "min_score")
+            for key in ("k", "index", "rerank", "shortlist", "verify_n", "rotations", "min_score")
             if getattr(self, key) is not None
         }
         if not changes:
@@ -67,6 +68,7 @@ class SearchParams:
             "index": base.index,
             "rerank": base.rerank,
             "shortlist": base.shortlist,
+            "verify_n": base.verify_n,
             "rotations": base.rotations,
             "min_score": base.min_score,
         }
@@ -105,6 +107,10 @@ def _index(value: Any) -> str:
 
 def _rerank(value: Any) -> str:
     return "+".join(specs.parse_rerank(specs.check("rerank", value)))
+
+
+def _verify_n(value: Any) -> int:
+    return specs.check("verify_n", integer(value))
 
 
 def _shortlist(value: Any) -> int:
@@ -171,6 +177,7 @@ def from_form(form: Mapping[str, Any]) -> SearchParams:
         index=_index(given("index")) if given("index") is not None else None,
         rerank=_rerank(form.get("rerank")) if form.get("rerank") is not None else None,
         shortlist=_shortlist(given("shortlist")) if given("shortlist") is not None else None,
+        verify_n=_verify_n(given("verify_n")) if given("verify_n") is not None else None,
         rotations=specs.check("rotations", given("rotations"))
         if given("rotations") is not None
         else None,
@@ -213,6 +220,7 @@ def from_json(body: Any) -> tuple[int, SearchParams]:
         index=_index(body["index"]) if body.get("index") is not None else None,
         rerank=_rerank(body["rerank"]) if body.get("rerank") is not None else None,
         shortlist=_shortlist(body["shortlist"]) if "shortlist" in body else None,
+        verify_n=_verify_n(body["verify_n"]) if "verify_n" in body else None,
         relevant=listed("relevant"),
         not_relevant=listed("not_relevant"),
         allow_stale=allow_stale,

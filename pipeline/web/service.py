@@ -20,6 +20,7 @@ from pipeline.config import Settings
 from pipeline.errors import NotFoundError
 from pipeline.inputs.decode import DecodeError, decode_bytes
 from pipeline.inputs.thumbs import thumbnail_bytes
+from pipeline.specs import parse_rerank
 from pipeline.web.carry import CarriedQuery, from_upload
 from pipeline.web.failures import CATALOG_BUSY, BadRequest
 from pipeline.web.params import SearchParams
@@ -52,8 +53,11 @@ class Service:
 
     # --- searching: every path ends in api.search_in -------------------------------------
 
-    def search(self, query: int | api.Upload, params: SearchParams) -> dict[str, Any]:
-        """One answer in the shape of `cbir search --json`; an undecodable image is a 400."""
+    def search(
+        self, query: int | api.Upload, params: SearchParams, source: bytes | None = None
+    ) -> dict[str, Any]:
+        """One answer in the shape of `cbir search --json`; an undecodable image is a 400.
+        `source`: the original upload of a carried query, for `--rerank verify`."""
         settings = params.settings(self.settings)
         self.session.check_vectors()
         if isinstance(query, api.Upload):
@@ -66,7 +70,8 @@ class Service:
                     ).pixels
                 except DecodeError as e:
                     raise BadRequest(f"cannot use query image {query.name}: {e}") from None
-            query = api.Pixels(query.name, decoded)
+            # The bytes stay with the pixels for `--rerank verify` (no copy: the same object).
+            query = api.Pixels(query.name, decoded, source=source or query.data)
         answer = self.session.search(
             query, settings, allow_stale=params.allow_stale, within=params.within,
             **params.feedback(),
@@ -80,8 +85,14 @@ class Service:
         with self.slots.hold(decode_cost(data, self.session.input_size)):
             return from_upload(name, data, self.settings.max_pixels, self.session.decode_args)
 
-    def search_carried(self, query: CarriedQuery, params: SearchParams) -> dict[str, Any]:
-        return self.search(query.upload(), params)
+    def search_carried(
+        self, query: CarriedQuery, params: SearchParams, source: bytes | None = None
+    ) -> dict[str, Any]:
+        return self.search(query.upload(), params, source)
+
+    def verifies(self, params: SearchParams) -> bool:
+        """Whether the search re-ranks by local features (it then wants the upload itself)."""
+        return "verify" in parse_rerank(params.settings(self.settings).rerank)
 
     # --- rows, thumbnails, the collection ------------------------------------------------
 
