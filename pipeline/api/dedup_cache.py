@@ -55,14 +55,14 @@ class DuplicatesCache:
         # One computation at a time: requests of a dragged slider wait for the first
         # one's pairs instead of each computing them.
         self._lock = threading.Lock()
-        self._kept: tuple[int, _Generation] | None = None
+        self._kept: tuple[tuple[int, int], _Generation] | None = None
 
     def forget(self) -> None:
         """Drop what is kept (files moved: their rows' paths changed)."""
         with self._lock:
             self._kept = None
 
-    def _for(self, generation: int) -> _Generation:
+    def _for(self, generation: tuple[int, int]) -> _Generation:
         if self._kept is None or self._kept[0] != generation:
             self._kept = (generation, _Generation())
         return self._kept[1]
@@ -74,7 +74,7 @@ class DuplicatesCache:
         options = dedup.checked_options(include, near, similar)
         key = (options, index)
         with self._lock:
-            kept = self._for(self.coll.generation)
+            kept = self._for(self.coll.rows_state)  # paths change on a move too
             report = kept.reports.get(key)
             if report is not None:
                 kept.reports.move_to_end(key)

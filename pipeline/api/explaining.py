@@ -157,11 +157,22 @@ def explanation_in(
     row = _result_row(coll, image_id)
     name, query_id, src = _query_source(coll, query)
     d = descriptor_for(s, coll)
+    q_image = None
     try:
-        if isinstance(src, bytes):
+        if not matches:  # a heat map needs only the query's vector
+            pass
+        elif isinstance(src, bytes):
             q_image = local_features.bytes_image(src, s.max_pixels, params)
         else:
             q_image = local_features.feature_image(src, s.max_pixels, params)
+        # An id's stored vector is of its indexed bytes: a changed file would have its
+        # matches explained under another picture's cosine.
+        if (
+            q_image is not None
+            and query_id is not None
+            and q_image.sha256 != _result_row(coll, query_id)["sha256"]
+        ):
+            raise DecodeError("its file changed since it was indexed (run cbir index)")
         q_vec = (
             coll.checked_vectors([query_id])[0]
             if query_id is not None
@@ -178,7 +189,7 @@ def explanation_in(
         "verification": None,
         "heat": None,
     }
-    q_pixels = q_image.pixels
+    q_pixels = q_image.pixels if q_image is not None else np.zeros((1, 1, 3), np.uint8)
     r_pixels = np.zeros((1, 1, 3), np.uint8)
     heat = None
     try:

@@ -132,8 +132,7 @@ class Session:
     def indexed_rows(self) -> list[dict[str, Any]]:
         """Indexed images (id, path, label) in id order, re-read when the catalog changes."""
         db = self.coll.db
-        # A move or relabel (cbir index, cbir watch) rewrites rows without a new generation.
-        gen = (reads.generation(db), reads.data_version(db))
+        gen = self.coll.rows_state  # a move or relabel keeps the generation
         with self._browse_lock:
             if self._browse[0] != gen:
                 found = reads.lookup(db, reads.indexed_ids(db))

@@ -5,8 +5,9 @@ path, and those whose row's file changed. Such a file is the image of a catalogu
 R, moved, when R's file is no longer at R's recorded path (the path is gone, or holds a
 file of another size or modification time) and either
 
-- it is the same file: the same `file_key` (st_dev:st_ino), size and mtime as R (a
-  rename or a move within one filesystem), or
+- it is the same file: the same `file_key` (st_dev:st_ino), size, mtime and sha256 of
+  its bytes as R (a rename or a move within one filesystem; the bytes are read because
+  a freed inode is reused and archive tools keep mtimes), or
 - it holds the same content: the size of R, then the sha256 of its bytes equal to R's
   `sha256` (what `decode.decode_file` records: the whole file), for a copy across
   filesystems or a tool that rewrites files. Only a file whose size is that of such a
@@ -92,7 +93,14 @@ def find_moves(
     for f, key in candidates:
         twin = keyed.get(key) if key else None
         row = rows.get(twin["path"]) if twin else None
-        if movable(row, f) and row["mtime"] == f.mtime:
+        # The bytes too: an inode freed by a delete is reused, and unzip, tar, rsync -a
+        # keep mtimes, so another picture of the same size could take the old identity.
+        if (
+            movable(row, f)
+            and row["mtime"] == f.mtime
+            and row["sha256"]
+            and content_sha256(f.path) == row["sha256"]
+        ):
             moved[f.path] = row["id"]
             taken.add(row["id"])
     rest = [f for f, _ in candidates if f.path not in moved]

@@ -39,9 +39,9 @@ def top_k(
         part = np.argpartition(-s, kk - 1, axis=1)[:, :kk]
         best_s = np.hstack([best_s, np.take_along_axis(s, part, axis=1)])
         best_i = np.hstack([best_i, chunk[part]])
-        keep = np.argsort(-best_s, axis=1, kind="stable")[:, :k]
-        best_s = np.take_along_axis(best_s, keep, axis=1)
-        best_i = np.take_along_axis(best_i, keep, axis=1)
+        order = np.argsort(-best_s, axis=1, kind="stable")[:, :k]
+        best_s = np.take_along_axis(best_s, order, axis=1)
+        best_i = np.take_along_axis(best_i, order, axis=1)
     if keep is not None:
         best_i = np.where(np.isneginf(best_s), -1, best_i)
     if best_i.shape[1] < k:

@@ -70,8 +70,11 @@ class Filter:
         for key in ("since", "until"):
             value = getattr(self, key)
             if value is not None:
-                local = datetime.fromtimestamp(value).astimezone()
-                out[key] = local.isoformat(timespec="seconds")
+                try:
+                    local = datetime.fromtimestamp(value).astimezone()
+                    out[key] = local.isoformat(timespec="seconds")
+                except (ValueError, OverflowError, OSError):  # 9999-12-31 with an offset
+                    out[key] = value  # past what local time can show: the unix seconds
         return out
 
 
@@ -174,7 +177,7 @@ def matching(coll: Collection, f: Filter) -> np.ndarray:
 
 def folders(coll: Collection, limit: int = 200) -> list[dict[str, Any]]:
     """The folders that hold indexed images directly, the `limit` fullest (for a folder
-    picker), as [{"folder", "images"}] sorted by folder; kept per catalog generation."""
+    picker), as [{"folder", "images"}] sorted by folder; kept until the rows change."""
 
     def make() -> list[dict[str, Any]]:
         coll.check_rows()  # no folder of a damaged row is offered
@@ -189,4 +192,9 @@ def folders(coll: Collection, limit: int = 200) -> list[dict[str, Any]]:
         found = [{"folder": r[0].rstrip("/") or "/", "images": r[1]} for r in rows if r[0]]
         return sorted(found, key=lambda r: r["folder"])
 
-    return coll.cached(("folders", limit), make)
+    # Made again when the rows version moves too: a renamed folder keeps the generation.
+    kept = coll.cached(("folders", limit), dict)
+    state = coll.rows_state
+    if kept.get("state") != state:
+        kept.update(value=make(), state=state)
+    return kept["value"]

@@ -90,6 +90,12 @@ class Collection:
         return reads.generation(self.db)
 
     @property
+    def rows_state(self) -> tuple[int, int]:
+        """(generation, rows version): changes whenever what a row shows may have changed,
+        also by a move or relabel that keeps the generation (and so the indexes)."""
+        return reads.generation(self.db), reads.rows_version(self.db)
+
+    @property
     def fingerprint(self) -> dict[str, Any] | None:
         return reads.fingerprint(self.db)
 

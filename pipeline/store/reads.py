@@ -71,10 +71,10 @@ def generation(db: sqlite_utils.Database) -> int:
     return get_meta_int(db, "generation", 0)
 
 
-def data_version(db: sqlite_utils.Database) -> int:
-    """SQLite's counter of commits by other connections to this file: it moves on a
-    rename or relabel too, which keep the generation (the vectors are the same)."""
-    return int(db.execute("pragma data_version").fetchone()[0])
+def rows_version(db: sqlite_utils.Database) -> int:
+    """A counter bumped by every commit that rewrites what rows show (a move, a relabel,
+    a date) without changing the indexed vectors, so without a new generation."""
+    return get_meta_int(db, "rows_version", 0)
 
 
 def _checked(db: sqlite_utils.Database, sql: str, params: Iterable[Any] = ()) -> list[dict]:

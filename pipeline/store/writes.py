@@ -120,6 +120,12 @@ def _bump_generation(db: sqlite_utils.Database) -> None:
     set_meta(db, "generation", reads.generation(db) + 1)
 
 
+def _bump_rows_version(db: sqlite_utils.Database) -> None:
+    """Rows rewritten with the same vectors: what readers keep of rows (a server's list of
+    images, its folder picker) is made again; indexes are not (`reads.rows_version`)."""
+    set_meta(db, "rows_version", reads.rows_version(db) + 1)
+
+
 def commit_batch(
     db: sqlite_utils.Database,
     new_rows: list[dict[str, Any]],
@@ -181,6 +187,7 @@ def move_rows(
             raise CbirError(f"cannot move catalog rows of ids {lost[:5]}: not in the catalog", 1)
         _delete(db, [*moves, *displaced])
         _insert(db, [{**rows[i], **moves[i], "updated_at": stamp} for i in moves])
+        _bump_rows_version(db)
         if displaced:
             _bump_generation(db)
 
@@ -268,6 +275,7 @@ def update_labels(db: sqlite_utils.Database, changes: dict[int, str | None]) -> 
             [(label, stamp, image_id) for image_id, label in changes.items()],
         )
         _seal(db, "images", changes)
+        _bump_rows_version(db)
 
 
 def adopt_model(

@@ -109,8 +109,16 @@ def _rerank(value: Any) -> str:
     return "+".join(specs.parse_rerank(specs.check("rerank", value)))
 
 
+# Each verified candidate is a file decoded outside the decode slots (~10 ms warm, up to
+# ~0.1 s cold): a request may not ask a server for more than this many.
+MAX_VERIFY_N = 200
+
+
 def _verify_n(value: Any) -> int:
-    return specs.check("verify_n", integer(value))
+    n = specs.check("verify_n", integer(value))
+    if n > MAX_VERIFY_N:
+        raise BadRequest(f"verify_n must be at most {MAX_VERIFY_N} on a server")
+    return n
 
 
 def _shortlist(value: Any) -> int:

@@ -180,3 +180,15 @@ def test_a_result_whose_file_changed_is_not_explained(tmp_path, fake_model):
     assert d["result"]["path"].endswith("warped.png")
     assert d["verification"] is None and d["heat"] is None
     assert "changed since it was indexed" in d["note"]
+
+
+def test_an_id_query_whose_file_changed_is_refused(tmp_path, fake_model):
+    """An id query explains with its stored vector and its file's features: a file changed
+    since indexing would explain another picture's matches under this image's cosine."""
+    fakes.warped_pair(tmp_path / "imgs", (160, 120))
+    ok(cli("index", tmp_path / "imgs", *opts(tmp_path)))
+    query = id_of(tmp_path, "original.png")
+    Image.new("RGB", (160, 120), "blue").save(tmp_path / "imgs" / "original.png")
+    with pytest.raises(CbirError, match="changed since it was indexed") as e:
+        api.explain(query, id_of(tmp_path, "warped.png"), **options(tmp_path))
+    assert "\n" not in str(e.value)

@@ -210,7 +210,8 @@ def test_web_upload_is_verified_from_its_own_bytes(coll):
     assert page.count('class="verified"') >= 2 and "matches</span>" in page
     assert '<option value="dba+verify">' in client.get("/").get_data(as_text=True)
     for body in ({"rerank": "verify+x"}, {"rerank": "verify", "verify_n": 0},
-                 {"verify_n": "x"}, {"verify_n": 10**30}):  # fmt: skip
+                 {"verify_n": "x"}, {"verify_n": 10**30},
+                 {"rerank": "verify", "verify_n": 201}):  # more than a server verifies  # fmt: skip
         bad = client.post("/api/search", json={"id": 0, **body})
         assert bad.status_code == 400 and "\n" not in bad.get_json()["error"], body
     some = client.post("/api/search", json={"id": 0, "k": 12, "rerank": "verify", "verify_n": 3})

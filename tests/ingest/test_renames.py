@@ -243,11 +243,46 @@ def test_a_running_server_session_sees_a_rename(lib, model_log):
     s = api.settings_for(None, catalog=str(state / "c.db"), index_dir=str(state / "idx"))
     session = open_session(s, batch_size=4)
     try:
-        old, new = imgs / "red" / "img0_0001.jpg", imgs / "red" / "renamed.jpg"
+        old = imgs / "red" / "img0_0001.jpg"
+        new = imgs / "green" / "renamed.jpg"
         assert str(old) in {r["path"] for r in session.indexed_rows()}
+        assert str(imgs / "green") not in {f["folder"] for f in session.image_folders()}
+        new.parent.mkdir()
         old.rename(new)
         moved_run(state, model_log, imgs)
         paths = {r["path"] for r in session.indexed_rows()}
         assert str(new) in paths and str(old) not in paths
+        assert str(imgs / "green") in {f["folder"] for f in session.image_folders()}
     finally:
         session.coll.close()
+
+
+def test_a_reused_inode_with_other_bytes_is_no_move(tmp_path, model_log):
+    """A deleted file's inode is reused and archive tools keep mtimes: another picture of
+    the same size under the old file's identity is a new image, not the old row moved."""
+    from PIL import Image
+
+    from pipeline.store import collection, repair, writes
+
+    imgs, state = tmp_path / "imgs", tmp_path / "s"
+    imgs.mkdir()
+    old, new = imgs / "a.bmp", imgs / "b.bmp"
+    Image.new("RGB", (64, 48), (200, 30, 30)).save(old)
+    index(state, imgs)
+    before = rows(state)[str(old)]
+    st = os.stat(old)
+    old.unlink()
+    Image.new("RGB", (64, 48), (20, 30, 220)).save(new)  # a BMP: the same size in bytes
+    os.utime(new, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert os.path.getsize(new) == st.st_size
+    with collection.writing(state / "c.db", state / "idx") as coll:  # as if the inode were reused
+        writes.set_file_keys(coll.db, {before["id"]: repair.file_key(str(new))})
+    model_log.unlink(missing_ok=True)
+    out = index(state, imgs, "--prune")
+    assert "moved" not in out, out
+    assert embedded(model_log) == 1  # the new picture got its own vector
+    after = rows(state)
+    assert after[str(new)]["id"] != before["id"]
+    assert after[str(new)]["vector"] != before["vector"]
+    verified(state)
+    same_as_fresh(state, tmp_path, imgs)

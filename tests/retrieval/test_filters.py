@@ -299,3 +299,36 @@ def test_a_whitened_index_filters_in_its_own_space(data, inner, scan_max, monkey
         else:
             assert np.isin(got[got >= 0], allowed).all()
             assert ((got >= 0).sum(axis=1) == want.shape[1]).all()
+
+
+@pytest.mark.parametrize("chunk", [4, 5, 64])
+def test_the_mask_of_a_dense_filter_holds_in_every_chunk(chunk, monkeypatch):
+    """The vector-file scan masks a dense filter chunk by chunk (65,536 rows each): the
+    mask must hold past the first chunk too (it was overwritten by the merge's order)."""
+    monkeypatch.setattr(exact, "CHUNK", chunk)
+    rng = np.random.default_rng(5)
+    rows = rng.standard_normal((40, 8)).astype(np.float32)
+    rows /= np.linalg.norm(rows, axis=1, keepdims=True)
+    ids = np.arange(40)
+    keep = rng.random(40) < 0.5
+    for q in rows:  # each row as the query: masked-out rows score 1.0 with themselves
+        scores, got = exact.top_k(rows, ids, q[None], 10, keep=keep)
+        allowed = ids[keep]
+        want = allowed[np.argsort(-(rows[allowed] @ q), kind="stable")][:10]
+        assert set(got[0][got[0] >= 0]) <= set(allowed)
+        assert list(got[0][: len(want)]) == list(want)
+
+
+@pytest.mark.parametrize(
+    "given",
+    [
+        {"until": "9999-12-31"},
+        {"until": "9999-12-31T23:59-14:00"},
+        {"since": "0001-01-01T00:00+14:00"},
+    ],
+)
+def test_dates_at_the_ends_of_the_calendar_are_described_not_raised(given):
+    """An answer shows its filter: a date past what local time can show (no upper bound
+    given as 9999-12-31) must not turn a search into a traceback."""
+    shown = filters.make_filter(**given).describe()
+    assert set(shown) == set(given)
