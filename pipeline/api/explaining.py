@@ -20,6 +20,8 @@ and one indexed result:
 from __future__ import annotations
 
 import os
+import threading
+from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -80,6 +82,33 @@ def _decode(src: str | bytes, max_pixels: int, **kwargs: Any) -> np.ndarray:
     if isinstance(src, bytes):
         return decode_bytes(src, max_pixels, **kwargs).pixels
     return decode_file(src, max_pixels, **kwargs).pixels
+
+
+KEPT_QUERIES = 32  # query images whose vectors a collection keeps for explanations
+
+
+def _query_vector(
+    coll: Collection, src: str | bytes, max_pixels: int, d: Descriptor, embedder
+) -> np.ndarray:
+    """The vector of a query image (a file or an upload), kept by the sha256 of its bytes:
+    a results page asks for one heat map per result, and would otherwise run the model
+    once for each (the catalog's model and descriptor are fixed, so the bytes decide)."""
+    decoded = (
+        decode_bytes(src, max_pixels, **d.decode)
+        if isinstance(src, bytes)
+        else (decode_file(src, max_pixels, **d.decode))
+    )
+    lock, kept = coll.cached(("explain-queries",), lambda: (threading.Lock(), OrderedDict()))
+    with lock:
+        if decoded.sha256 in kept:
+            kept.move_to_end(decoded.sha256)
+            return kept[decoded.sha256]
+    vector = embedder().embed([decoded.pixels])[0]
+    with lock:
+        kept[decoded.sha256] = vector
+        while len(kept) > KEPT_QUERIES:
+            kept.popitem(last=False)
+    return vector
 
 
 def _pairs(a: np.ndarray, b: np.ndarray) -> list[list[float]]:
@@ -176,7 +205,7 @@ def explanation_in(
         q_vec = (
             coll.checked_vectors([query_id])[0]
             if query_id is not None
-            else embedder().embed([_decode(src, s.max_pixels, **d.decode)])[0]
+            else _query_vector(coll, src, s.max_pixels, d, embedder)
         )
     except DecodeError as e:
         raise CbirError(f"cannot use query image {os.path.basename(name)}: {e}") from None

@@ -250,7 +250,7 @@ def set_file_keys(db: sqlite_utils.Database, keys: dict[int, str]) -> None:
 def set_dates(db: sqlite_utils.Database, dates: dict[int, tuple[float, str]]) -> None:
     """Record the date of images whose rows have none (catalogued before schema 6): id ->
     (unix seconds, 'exif' or 'mtime'), in one transaction. Not a change of the indexed
-    vectors, so the generation stays."""
+    vectors, so the generation stays (the rows version moves)."""
     if not dates:
         return
     with transaction(db):
@@ -261,6 +261,7 @@ def set_dates(db: sqlite_utils.Database, dates: dict[int, tuple[float, str]]) ->
             [(at, source, image_id) for image_id, (at, source) in dates.items()],
         )
         _seal(db, "images", dates)
+        _bump_rows_version(db)  # a date filter kept by a reader may now pass other ids
 
 
 def update_labels(db: sqlite_utils.Database, changes: dict[int, str | None]) -> None:

@@ -192,3 +192,27 @@ def test_an_id_query_whose_file_changed_is_refused(tmp_path, fake_model):
     with pytest.raises(CbirError, match="changed since it was indexed") as e:
         api.explain(query, id_of(tmp_path, "warped.png"), **options(tmp_path))
     assert "\n" not in str(e.value)
+
+
+def test_an_uploaded_query_is_embedded_once_for_all_its_heat_maps(root, fake_model):
+    """A results page asks for one heat map per result: the upload's vector is kept."""
+    s = api.settings_for(**options(root))
+    coll = api.models.open_collection(s)
+    try:
+        inner, calls = api.models.embedder_for(s, coll), []
+
+        class Counting:
+            def embed(self, pixels):
+                calls.append(len(pixels))
+                return inner.embed(pixels)
+
+            def __getattr__(self, name):
+                return getattr(inner, name)
+
+        upload = api.Upload("q.png", (root / "imgs" / "original.png").read_bytes())
+        for image_id in (id_of(root, "warped.png"), id_of(root, "original.png")) * 2:
+            e = explaining.explanation_in(coll, upload, image_id, s, Counting, matches=False)
+            assert e.data["heat"] is not None
+        assert calls == [1]
+    finally:
+        coll.close()

@@ -238,6 +238,7 @@ def test_a_running_server_session_sees_a_rename(lib, model_log):
     rows must notice the rewrite by another process by other means."""
     from pipeline import api
     from pipeline.api.session import open_session
+    from pipeline.retrieval import filters
 
     imgs, state = lib
     s = api.settings_for(None, catalog=str(state / "c.db"), index_dir=str(state / "idx"))
@@ -247,12 +248,16 @@ def test_a_running_server_session_sees_a_rename(lib, model_log):
         new = imgs / "green" / "renamed.jpg"
         assert str(old) in {r["path"] for r in session.indexed_rows()}
         assert str(imgs / "green") not in {f["folder"] for f in session.image_folders()}
+        green = filters.make_filter(under=[str(imgs / "green")])
+        assert len(filters.matching(session.coll, green)) == 0  # and now kept
         new.parent.mkdir()
         old.rename(new)
         moved_run(state, model_log, imgs)
         paths = {r["path"] for r in session.indexed_rows()}
         assert str(new) in paths and str(old) not in paths
         assert str(imgs / "green") in {f["folder"] for f in session.image_folders()}
+        moved_id = rows(state)[str(new)]["id"]
+        assert list(filters.matching(session.coll, green)) == [moved_id]
     finally:
         session.coll.close()
 
