@@ -12,7 +12,7 @@ from pipeline.cli.options import (
     MemorySize,
     WritablePath,
     common_options,
-    descriptor_options,
+    job_options,
     runtime_options,
     search_param_options,
     typed,
@@ -38,23 +38,7 @@ from pipeline.specs import OPTIONS, SPEC
     default=None,
     help="Try again files that failed before, even if unchanged.",
 )
-@click.option("--workers", type=typed(SPEC["workers"]), default=None, help="Decoding threads.")
-@click.option(
-    "--batch-size",
-    "batch_size",
-    type=typed(SPEC["batch_size"]),
-    default=None,
-    help="Images per model batch.",
-)
-@descriptor_options
-@click.option(
-    "--max-pixels",
-    "max_pixels",
-    type=typed(SPEC["max_pixels"]),
-    default=None,
-    help="Refuse images with more pixels, in the file or once resized for the model "
-    "(decompression bombs); and images thinner than 50:1.",
-)
+@job_options
 @click.option(
     "--engine",
     type=typed(SPEC["engine"]),

@@ -203,6 +203,30 @@ def common_options(f):
     return wrapper
 
 
+def job_options(f):
+    """--workers, --batch-size, the descriptor and --max-pixels: how an indexing job
+    decodes and embeds (cbir index, cbir watch)."""
+    f = click.option(
+        "--max-pixels",
+        "max_pixels",
+        type=typed(SPEC["max_pixels"]),
+        default=None,
+        help="Refuse images with more pixels, in the file or once resized for the model "
+        "(decompression bombs); and images thinner than 50:1.",
+    )(f)
+    f = descriptor_options(f)
+    f = click.option(
+        "--batch-size",
+        "batch_size",
+        type=typed(SPEC["batch_size"]),
+        default=None,
+        help="Images per model batch.",
+    )(f)
+    return click.option(
+        "--workers", type=typed(SPEC["workers"]), default=None, help="Decoding threads."
+    )(f)
+
+
 def descriptor_options(f):
     """--pooling, --input, --image-size, --scales: the descriptor, fixed per catalog."""
 

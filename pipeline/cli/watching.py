@@ -12,8 +12,8 @@ from typing import Any
 import click
 
 from pipeline import api
-from pipeline.cli.options import common_options, descriptor_options, runtime_options, typed
-from pipeline.specs import OPTIONS, SPEC
+from pipeline.cli.options import common_options, job_options, runtime_options, typed
+from pipeline.specs import OPTIONS
 
 
 @contextlib.contextmanager
@@ -87,22 +87,7 @@ def _print(batch: api.Batch) -> None:
     default=None,
     help="'folder' (parent folder name, default), 'none', or a CSV of path,label.",
 )
-@click.option("--workers", type=typed(SPEC["workers"]), default=None, help="Decoding threads.")
-@click.option(
-    "--batch-size",
-    "batch_size",
-    type=typed(SPEC["batch_size"]),
-    default=None,
-    help="Images per model batch.",
-)
-@descriptor_options
-@click.option(
-    "--max-pixels",
-    "max_pixels",
-    type=typed(SPEC["max_pixels"]),
-    default=None,
-    help="Refuse images with more pixels (decompression bombs), as for index.",
-)
+@job_options
 @click.option(
     "--update-indexes",
     "update_indexes",
